@@ -51,7 +51,8 @@ def _as_array(value: Any) -> np.ndarray | None:
 
 def _show(value: Any) -> str:
     array = _as_array(value)
-    if array is None:
+    dtype = value.dtype if isinstance(value, torch.Tensor) else np.asarray(value).dtype
+    if array is None or dtype in (bool, torch.bool):
         return repr(value)
     if array.size <= 12:
         text = np.array2string(array, precision=7, separator=", ", suppress_small=False)

@@ -1,0 +1,164 @@
+"""Drive each widget's controls as a learner would and check the numbers it shows against course_lib."""
+
+import math
+import re
+
+import ipywidgets as widgets
+import pytest
+import torch
+
+from course_lib.attention import scaled_dot_product_attention
+from course_lib.masks import IGNORE_INDEX, causal_mask, mlm_mask, token_mask_from_lengths
+from course_lib.widgets import AttentionHeatmap, MaskExplorer
+
+X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+Q = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+PNG_MAGIC = b"\x89PNG"
+
+
+def shown(html: str, css_class: str) -> list[list[str]]:
+    """The cells of the table with this class, as text, by data-row and data-col."""
+    cells = re.findall(rf'<td class="{css_class}" data-row="(\d+)" data-col="(\d+)"[^>]*>([^<]*)</td>', html)
+    rows: dict[int, dict[int, str]] = {}
+    for r, c, text in cells:
+        rows.setdefault(int(r), {})[int(c)] = text
+    return [[row[c] for c in sorted(row)] for _, row in sorted(rows.items())]
+
+
+def shown_numbers(html: str, css_class: str) -> torch.Tensor:
+    return torch.tensor([[float(x) for x in row] for row in shown(html, css_class)], dtype=torch.float64)
+
+
+@pytest.fixture
+def heatmap():
+    return AttentionHeatmap(Q, X, X, tokens=["x0", "x1", "x2"])
+
+
+def test_heatmap_is_a_widget_with_a_rendered_picture(heatmap):
+    assert isinstance(heatmap, widgets.VBox)
+    assert heatmap.image.value.tobytes().startswith(PNG_MAGIC)
+    assert "course-attention-heatmap" in heatmap._dom_classes
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_heatmap_query_slider_shows_that_rows_weights_and_output(heatmap, row):
+    heatmap.query.value = row
+    output, weights = scaled_dot_product_attention(Q.double(), X.double(), X.double())
+    torch.testing.assert_close(shown_numbers(heatmap.table.value, "course-weight")[0], weights[row], atol=5e-5, rtol=0)
+    torch.testing.assert_close(shown_numbers(heatmap.table.value, "course-output")[0], output[row], atol=5e-5, rtol=0)
+    scores = (Q[row] @ X.T).double() / math.sqrt(2)
+    torch.testing.assert_close(shown_numbers(heatmap.table.value, "course-score")[0], scores, atol=5e-5, rtol=0)
+
+
+def test_heatmap_scaling_toggle_changes_the_weights(heatmap):
+    heatmap.query.value = 2
+    scaled = shown_numbers(heatmap.table.value, "course-weight")[0]
+    before = heatmap.image.value
+    heatmap.scaled.value = False
+    unscaled = shown_numbers(heatmap.table.value, "course-weight")[0]
+    _, expected = scaled_dot_product_attention(Q.double(), X.double(), X.double(), scale=1.0)
+    torch.testing.assert_close(unscaled, expected[2], atol=5e-5, rtol=0)
+    assert unscaled[2] > scaled[2]  # without 1/sqrt(d_k) the largest score takes more of the weight
+    assert heatmap.image.value != before
+
+
+def test_heatmap_editing_a_cell_updates_weights_and_output(heatmap):
+    heatmap.matrix.value, heatmap.row.value, heatmap.col.value = "K", 1, 0
+    assert heatmap.value.value == X[1, 0]
+    heatmap.value.value = 3.0
+    heatmap.query.value = 1
+    k = X.double().clone()
+    k[1, 0] = 3.0
+    output, weights = scaled_dot_product_attention(Q.double(), k, X.double())
+    torch.testing.assert_close(shown_numbers(heatmap.table.value, "course-weight")[0], weights[1], atol=5e-5, rtol=0)
+    torch.testing.assert_close(shown_numbers(heatmap.table.value, "course-output")[0], output[1], atol=5e-5, rtol=0)
+    heatmap.matrix.value = "V"
+    assert heatmap.value.value == X[1, 0]  # the editor shows the chosen cell of the chosen matrix
+
+
+def test_heatmap_does_not_modify_the_callers_tensors(heatmap):
+    heatmap.matrix.value = "Q"
+    heatmap.value.value = 9.0
+    assert Q[0, 0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((Q, X, torch.ones(2, 2)), "v must have one row per key"), ((Q[0], X, X), "q must be a 2-D tensor"),
+     ((Q, X[:, :1], X), "k must have the same last dimension")],
+)
+def test_heatmap_bad_inputs(args, message):
+    with pytest.raises(ValueError, match=message):
+        AttentionHeatmap(*args)
+
+
+def test_heatmap_tokens_must_name_every_position():
+    with pytest.raises(ValueError, match="tokens must name the 3 positions"):
+        AttentionHeatmap(Q, X, X, tokens=["a"])
+
+
+VOCAB = [f"t{i}" for i in range(40)]
+VOCAB[:3] = ["[PAD]", "[MASK]", "[CLS]"]
+
+
+@pytest.fixture
+def explorer():
+    ids = torch.arange(10, 40).reshape(3, 10)
+    return MaskExplorer(ids, pad_id=0, mask_token_id=1, vocab_size=40, special_token_ids=[0, 1, 2], vocab=VOCAB)
+
+
+def test_explorer_default_is_causal_with_right_padding(explorer):
+    assert isinstance(explorer, widgets.VBox) and explorer.image.value.tobytes().startswith(PNG_MAGIC)
+    explorer.sequence.value = 1  # one padding token
+    expected = causal_mask(10) & token_mask_from_lengths([9], max_len=10)[0]
+    assert shown_numbers(explorer.table.value, "course-mask-cell").int().tolist() == expected.int().tolist()
+
+
+def test_explorer_controls_drive_the_mask(explorer):
+    explorer.seq_len.value = 6
+    explorer.padding[2].value = 4
+    explorer.side.value = "left"
+    explorer.sequence.value = 2
+    shown_mask = shown_numbers(explorer.table.value, "course-mask-cell").bool()
+    expected = causal_mask(6) & token_mask_from_lengths([2], max_len=6, side="left")[0]
+    assert torch.equal(shown_mask, expected)
+    assert "rows [0, 1, 2, 3] see no key" in explorer.table.value
+    tokens = shown(explorer.tokens_view.value, "course-mask-token")[0]
+    assert tokens == ["[PAD]"] * 4 + ["t30", "t31"]
+    explorer.causal.value = False
+    expected = token_mask_from_lengths([2], max_len=6, side="left")[0].expand(6, 6)
+    assert torch.equal(shown_numbers(explorer.table.value, "course-mask-cell").bool(), expected)
+
+
+def test_explorer_padding_sliders_follow_the_length(explorer):
+    explorer.seq_len.value = 3
+    assert all(slider.max == 2 for slider in explorer.padding)
+    assert explorer.lengths() == [3, 2, 1]
+
+
+def test_explorer_mlm_draw_shows_course_lib_masking(explorer):
+    explorer.seed.value = 5
+    explorer.draw.click()
+    expected = mlm_mask(explorer.input_ids(), mask_token_id=1, vocab_size=40, special_token_ids=[0, 1, 2],
+                        generator=torch.Generator().manual_seed(5))
+    assert torch.equal(explorer.mlm.input_ids, expected.input_ids)
+    explorer.sequence.value = 0
+    rows = shown(explorer.tokens_view.value, "course-mask-token")
+    assert rows[1] == [VOCAB[i] for i in expected.input_ids[0].tolist()]
+    assert rows[2] == [VOCAB[i] if i != IGNORE_INDEX else "·" for i in expected.labels[0].tolist()]
+    explorer.padding[0].value = 2  # a new batch drops the old draw
+    assert explorer.mlm is None and len(shown(explorer.tokens_view.value, "course-mask-token")) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"token_ids": torch.ones(3)}, "token_ids must be an integer tensor"),
+     ({"padding": [0, 12, 0]}, "padding must give each of the 3 sequences"),
+     ({"vocab": ["a"]}, "vocab must have vocab_size=40 entries")],
+)
+def test_explorer_bad_inputs(kwargs, message):
+    args = {"token_ids": torch.arange(10, 40).reshape(3, 10), "pad_id": 0, "mask_token_id": 1, "vocab_size": 40,
+            "special_token_ids": [0, 1, 2]}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        MaskExplorer(args.pop("token_ids"), **args)
