@@ -51,9 +51,13 @@ def _as_array(value: Any) -> np.ndarray | None:
 
 def _show(value: Any) -> str:
     array = _as_array(value)
-    dtype = value.dtype if isinstance(value, torch.Tensor) else np.asarray(value).dtype
-    if array is None or dtype in (bool, torch.bool):
+    if array is None:
         return repr(value)
+    is_bool = (value.dtype == torch.bool) if isinstance(value, torch.Tensor) else np.asarray(value).dtype == bool
+    if is_bool:
+        if array.size == 1:
+            return str(bool(array.item()))
+        return f"bool array of shape {tuple(array.shape)} with {int(array.sum())} True"
     if array.size <= 12:
         text = np.array2string(array, precision=7, separator=", ", suppress_small=False)
         return " ".join(text.split())
@@ -75,7 +79,7 @@ def _compare(measured: Any, expected: Any, rtol: float, atol: float) -> tuple[bo
     return bool(close.all()), float(np.nan_to_num(diff, nan=np.inf).max())
 
 
-def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, negated: bool) -> Claim:
+def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, negated: bool) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty string saying what is claimed, got {name!r}")
     for arg, value in (("rtol", rtol), ("atol", atol)):
@@ -101,15 +105,15 @@ def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, ne
     if not result.passed:
         why = "they agree, but were claimed to differ" if negated else "they differ beyond the tolerance"
         raise AssertionError(f"{line}\n    {why}")
-    return result
 
 
-def claim(name: str, measured: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> Claim:
-    """Assert that `measured` equals `expected` within `rtol`/`atol`, print both, and record it."""
-    return _check(name, measured, expected, rtol, atol, negated=False)
+def claim(name: str, measured: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Assert that `measured` equals `expected` within `rtol`/`atol`, print both, and record it in CLAIMS.
+    Returns nothing, so a claim at the end of a notebook cell prints only its own lines."""
+    _check(name, measured, expected, rtol, atol, negated=False)
 
 
-def refute(name: str, measured: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> Claim:
+def refute(name: str, measured: Any, expected: Any, rtol: float = 0.0, atol: float = 0.0) -> None:
     """Assert that `measured` does *not* equal `expected` within the tolerance: the negative control
     that shows a claim's tolerance is tight enough to catch a wrong variant."""
-    return _check(name, measured, expected, rtol, atol, negated=True)
+    _check(name, measured, expected, rtol, atol, negated=True)

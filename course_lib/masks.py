@@ -28,7 +28,11 @@ def _check_size(name: str, value: object) -> int:
 
 def _check_2d_bool(name: str, mask: object, meaning: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        got = (
+            f"{mask.dtype} tensor of shape {tuple(mask.shape)}"
+            if isinstance(mask, torch.Tensor)
+            else type(mask).__name__
+        )
         raise ValueError(f"{name} must be a bool tensor of shape (B, T), {meaning}; got {got}")
     return mask
 
@@ -87,7 +91,9 @@ def combine_masks(*masks: torch.Tensor) -> torch.Tensor:
         raise ValueError("combine_masks needs at least one mask")
     for i, mask in enumerate(masks):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"masks[{i}] must be a bool tensor (True = may attend), got {getattr(mask, 'dtype', type(mask))}")
+            raise ValueError(
+                f"masks[{i}] must be a bool tensor (True = may attend), got {getattr(mask, 'dtype', type(mask))}"
+            )
     try:
         shape = torch.broadcast_shapes(*(m.shape for m in masks))
     except RuntimeError:
@@ -177,8 +183,11 @@ def mlm_mask(
         raise ValueError(f"special_token_ids must include mask_token_id={mask_token_id} (and [PAD], [CLS], ...)")
     if any(not 0 <= i < vocab_size for i in special):
         raise ValueError(f"special_token_ids must lie in [0, vocab_size={vocab_size}), got {special}")
-    for name, p in (("mlm_probability", mlm_probability), ("mask_fraction", mask_fraction),
-                    ("random_fraction", random_fraction)):
+    for name, p in (
+        ("mlm_probability", mlm_probability),
+        ("mask_fraction", mask_fraction),
+        ("random_fraction", random_fraction),
+    ):
         if not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     if mask_fraction + random_fraction > 1:

@@ -70,10 +70,22 @@ def test_empty_rows_raise_by_default_and_zero_on_request():
 @pytest.mark.parametrize(
     ("args", "error", "message"),
     [
-        ((torch.ones(3, 2), torch.ones(3, 4), torch.ones(3, 4)), ValueError, r"k must have the same last dimension d_k.*\(\.\.\., T_k, 2\)"),
-        ((torch.ones(3, 2), torch.ones(3, 2), torch.ones(4, 2)), ValueError, r"v must have one row per key.*\(\.\.\., 3, d_v\)"),
+        (
+            (torch.ones(3, 2), torch.ones(3, 4), torch.ones(3, 4)),
+            ValueError,
+            r"k must have the same last dimension d_k.*\(\.\.\., T_k, 2\)",
+        ),
+        (
+            (torch.ones(3, 2), torch.ones(3, 2), torch.ones(4, 2)),
+            ValueError,
+            r"v must have one row per key.*\(\.\.\., 3, d_v\)",
+        ),
         ((torch.ones(2), torch.ones(3, 2), torch.ones(3, 2)), ValueError, r"q must have shape \(\.\.\., T, d\)"),
-        ((torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), torch.ones(3, 2)), TypeError, "q must have a floating-point dtype"),
+        (
+            (torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2), torch.ones(3, 2)),
+            TypeError,
+            "q must have a floating-point dtype",
+        ),
         (([[1.0]], torch.ones(3, 2), torch.ones(3, 2)), TypeError, "q must be a torch.Tensor"),
         ((torch.ones(3, 2), torch.ones(3, 2, dtype=torch.float64), torch.ones(3, 2)), TypeError, "share a dtype"),
         ((torch.ones(2, 3, 2), torch.ones(3, 3, 2), torch.ones(3, 3, 2)), ValueError, "must broadcast together"),

@@ -9,11 +9,12 @@ from course_lib.check import CLAIMS, claim, refute
 
 def test_claim_passes_within_tolerance_prints_and_records(capsys):
     before = len(CLAIMS)
-    result = claim("sum of weights", torch.tensor([1.0, 1.0 + 1e-7], dtype=torch.float64), [1.0, 1.0], atol=1e-6)
+    claim("sum of weights", torch.tensor([1.0, 1.0 + 1e-7], dtype=torch.float64), [1.0, 1.0], atol=1e-6)
     out = capsys.readouterr().out
+    result = CLAIMS[-1]
     assert result.passed and result.max_abs_error == pytest.approx(1e-7, rel=1e-2)
     assert "✓ claim: sum of weights" in out and "atol=1e-06" in out and "measured" in out and "expected" in out
-    assert CLAIMS[-1] is result and len(CLAIMS) == before + 1
+    assert result.name == "sum of weights" and len(CLAIMS) == before + 1
 
 
 def test_claim_fails_beyond_tolerance_with_both_numbers():
@@ -51,11 +52,14 @@ def test_claim_compares_non_numeric_values_exactly():
 
 def test_refute_is_the_negative_control():
     refute("wrong axis breaks row sums", torch.tensor([0.5, 1.5]), [1.0, 1.0], atol=1e-6)
+    assert CLAIMS[-1].negated and CLAIMS[-1].passed and not CLAIMS[-1].holds
     with pytest.raises(AssertionError, match="claimed to differ"):
         refute("identical", 1.0, 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"rtol": -1}, "rtol must be"), ({"atol": float("nan")}, "atol must be")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"rtol": -1}, "rtol must be"), ({"atol": float("nan")}, "atol must be")]
+)
 def test_claim_rejects_bad_tolerances(kwargs, message):
     with pytest.raises(ValueError, match=message):
         claim("x", 1.0, 1.0, **kwargs)
@@ -64,3 +68,16 @@ def test_claim_rejects_bad_tolerances(kwargs, message):
 def test_claim_needs_a_name():
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         claim("  ", 1, 1)
+
+
+def test_failed_claims_are_recorded_too():
+    with pytest.raises(AssertionError):
+        claim("recorded failure", 1.0, 2.0)
+    assert CLAIMS[-1].name == "recorded failure" and not CLAIMS[-1].passed
+
+
+def test_bool_claims_print_readably(capsys):
+    claim("nearly one-hot", np.float64(0.95) > 0.9, True)
+    claim("mask positions", torch.ones(4, 5, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool))
+    out = capsys.readouterr().out
+    assert "measured True" in out and "bool array of shape (4, 5) with 20 True" in out

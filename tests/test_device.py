@@ -33,7 +33,9 @@ def test_pick_backend_rejects_unknown_devices():
         pick_backend("gpu")
 
 
-@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl"), ("mps", "gloo")])
+@pytest.mark.parametrize(
+    ("device", "backend"), [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl"), ("mps", "gloo")]
+)
 def test_pick_backend_matches_the_device(device, backend):
     assert pick_backend(device) == backend
 

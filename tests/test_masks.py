@@ -64,12 +64,24 @@ def test_key_mask_agrees_with_multihead_attention_key_padding_mask():
         (lambda: masks.token_mask_from_ids(torch.ones(1, 3, dtype=torch.long), None), "pad_id must be an int"),
         (lambda: masks.key_mask(torch.ones(2, 3)), r"token_mask must be a bool tensor of shape \(B, T\)"),
         (lambda: masks.to_key_padding_mask(torch.ones(2, 3, dtype=torch.long)), "token_mask must be a bool tensor"),
-        (lambda: masks.from_key_padding_mask(torch.ones(3, dtype=torch.bool)), "key_padding_mask must be a bool tensor"),
-        (lambda: masks.from_hf_attention_mask(torch.tensor([[1, 2]])), "attention_mask must hold only the integers 0 and 1"),
+        (
+            lambda: masks.from_key_padding_mask(torch.ones(3, dtype=torch.bool)),
+            "key_padding_mask must be a bool tensor",
+        ),
+        (
+            lambda: masks.from_hf_attention_mask(torch.tensor([[1, 2]])),
+            "attention_mask must hold only the integers 0 and 1",
+        ),
         (lambda: masks.from_hf_attention_mask(torch.tensor([[True]])), "attention_mask must hold only the integers"),
         (lambda: masks.combine_masks(), "at least one mask"),
-        (lambda: masks.combine_masks(torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2)), r"masks\[1\] must be a bool"),
-        (lambda: masks.combine_masks(torch.ones(2, 2, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool)), "must broadcast"),
+        (
+            lambda: masks.combine_masks(torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2)),
+            r"masks\[1\] must be a bool",
+        ),
+        (
+            lambda: masks.combine_masks(torch.ones(2, 2, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool)),
+            "must broadcast",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, message):
@@ -100,8 +112,12 @@ def test_mlm_mask_proportions_and_labels():
 
 def test_mlm_mask_is_seeded():
     ids = torch.randint(4, 50, (4, 30))
-    draw = [masks.mlm_mask(ids, mask_token_id=1, vocab_size=50, special_token_ids=SPECIAL,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    draw = [
+        masks.mlm_mask(
+            ids, mask_token_id=1, vocab_size=50, special_token_ids=SPECIAL, generator=torch.Generator().manual_seed(7)
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(draw[0].input_ids, draw[1].input_ids) and torch.equal(draw[0].labels, draw[1].labels)
 
 
@@ -111,8 +127,13 @@ def test_mlm_mask_selects_the_same_positions_as_the_transformers_collator():
     ids = tokenizer(text, padding=True, return_tensors="pt")["input_ids"]
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=3, return_tensors="pt")
     theirs = collator([{"input_ids": row} for row in ids])
-    ours = masks.mlm_mask(ids, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                          special_token_ids=tokenizer.all_special_ids, generator=torch.Generator().manual_seed(3))
+    ours = masks.mlm_mask(
+        ids,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_token_ids=tokenizer.all_special_ids,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(ours.labels, theirs["labels"])
     assert torch.equal(ours.input_ids == tokenizer.mask_token_id, theirs["input_ids"] == tokenizer.mask_token_id)
     assert torch.equal(ours.input_ids[~ours.replaced_with_random], theirs["input_ids"][~ours.replaced_with_random])
@@ -132,7 +153,12 @@ def test_mlm_mask_selects_the_same_positions_as_the_transformers_collator():
     ],
 )
 def test_mlm_mask_bad_inputs_name_the_argument(kwargs, message):
-    args = {"input_ids": torch.randint(4, 50, (2, 5)), "mask_token_id": 1, "vocab_size": 50, "special_token_ids": SPECIAL}
+    args = {
+        "input_ids": torch.randint(4, 50, (2, 5)),
+        "mask_token_id": 1,
+        "vocab_size": 50,
+        "special_token_ids": SPECIAL,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         masks.mlm_mask(args.pop("input_ids"), **args)

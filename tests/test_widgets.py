@@ -84,8 +84,11 @@ def test_heatmap_does_not_modify_the_callers_tensors(heatmap):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [((Q, X, torch.ones(2, 2)), "v must have one row per key"), ((Q[0], X, X), "q must be a 2-D tensor"),
-     ((Q, X[:, :1], X), "k must have the same last dimension")],
+    [
+        ((Q, X, torch.ones(2, 2)), "v must have one row per key"),
+        ((Q[0], X, X), "q must be a 2-D tensor"),
+        ((Q, X[:, :1], X), "k must have the same last dimension"),
+    ],
 )
 def test_heatmap_bad_inputs(args, message):
     with pytest.raises(ValueError, match=message):
@@ -139,8 +142,13 @@ def test_explorer_padding_sliders_follow_the_length(explorer):
 def test_explorer_mlm_draw_shows_course_lib_masking(explorer):
     explorer.seed.value = 5
     explorer.draw.click()
-    expected = mlm_mask(explorer.input_ids(), mask_token_id=1, vocab_size=40, special_token_ids=[0, 1, 2],
-                        generator=torch.Generator().manual_seed(5))
+    expected = mlm_mask(
+        explorer.input_ids(),
+        mask_token_id=1,
+        vocab_size=40,
+        special_token_ids=[0, 1, 2],
+        generator=torch.Generator().manual_seed(5),
+    )
     assert torch.equal(explorer.mlm.input_ids, expected.input_ids)
     explorer.sequence.value = 0
     rows = shown(explorer.tokens_view.value, "course-mask-token")
@@ -152,13 +160,29 @@ def test_explorer_mlm_draw_shows_course_lib_masking(explorer):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"token_ids": torch.ones(3)}, "token_ids must be an integer tensor"),
-     ({"padding": [0, 12, 0]}, "padding must give each of the 3 sequences"),
-     ({"vocab": ["a"]}, "vocab must have vocab_size=40 entries")],
+    [
+        ({"token_ids": torch.ones(3)}, "token_ids must be an integer tensor"),
+        ({"padding": [0, 12, 0]}, "padding must give each of the 3 sequences"),
+        ({"vocab": ["a"]}, "vocab must have vocab_size=40 entries"),
+    ],
 )
 def test_explorer_bad_inputs(kwargs, message):
-    args = {"token_ids": torch.arange(10, 40).reshape(3, 10), "pad_id": 0, "mask_token_id": 1, "vocab_size": 40,
-            "special_token_ids": [0, 1, 2]}
+    args = {
+        "token_ids": torch.arange(10, 40).reshape(3, 10),
+        "pad_id": 0,
+        "mask_token_id": 1,
+        "vocab_size": 40,
+        "special_token_ids": [0, 1, 2],
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         MaskExplorer(args.pop("token_ids"), **args)
+
+
+def test_snapshots_are_static_pngs_of_the_current_state(heatmap, explorer):
+    for widget in (heatmap, explorer):
+        image = widget.snapshot()
+        assert image.data.startswith(PNG_MAGIC) and image.format == "png"
+    before = heatmap.snapshot().data
+    heatmap.query.value = 2
+    assert heatmap.snapshot().data != before

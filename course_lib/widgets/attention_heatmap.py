@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.widgets.render import figure_to_png, html_table
+from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 DIGITS = 4  # decimals shown in the tables
 
@@ -25,7 +25,7 @@ def _fmt(value: float) -> str:
     return f"{value:.{DIGITS}f}"
 
 
-class AttentionHeatmap(widgets.VBox):
+class AttentionHeatmap(SnapshotMixin, widgets.VBox):
     """Interactive softmax(QKᵀ/√d_k)V for one head: q (T_q, d_k), k (T_k, d_k), v (T_k, d_v)."""
 
     def __init__(
@@ -37,8 +37,14 @@ class AttentionHeatmap(widgets.VBox):
     ) -> None:
         for name, value in (("q", q), ("k", k), ("v", v)):
             if not isinstance(value, torch.Tensor) or value.dim() != 2:
-                raise ValueError(f"{name} must be a 2-D tensor (T, d) for one head, got {getattr(value, 'shape', value)}")
-        self.matrices = {"Q": q.detach().double().clone(), "K": k.detach().double().clone(), "V": v.detach().double().clone()}
+                raise ValueError(
+                    f"{name} must be a 2-D tensor (T, d) for one head, got {getattr(value, 'shape', value)}"
+                )
+        self.matrices = {
+            "Q": q.detach().double().clone(),
+            "K": k.detach().double().clone(),
+            "V": v.detach().double().clone(),
+        }
         scaled_dot_product_attention(self.matrices["Q"], self.matrices["K"], self.matrices["V"])  # validates shapes
         t_q, t_k = q.shape[0], k.shape[0]
         if tokens is not None and len(tokens) != max(t_q, t_k):
@@ -47,7 +53,9 @@ class AttentionHeatmap(widgets.VBox):
 
         self.query = widgets.IntSlider(value=0, min=0, max=t_q - 1, description="query row")
         self.scaled = widgets.Checkbox(value=True, description="divide by √d_k", indent=False)
-        self.matrix = widgets.Dropdown(options=["Q", "K", "V"], value="Q", description="edit", layout={"width": "140px"})
+        self.matrix = widgets.Dropdown(
+            options=["Q", "K", "V"], value="Q", description="edit", layout={"width": "140px"}
+        )
         self.row = widgets.Dropdown(description="row", layout={"width": "130px"})
         self.col = widgets.Dropdown(description="col", layout={"width": "130px"})
         self.value = widgets.FloatText(description="value", step=0.5, layout={"width": "180px"})
@@ -110,13 +118,27 @@ class AttentionHeatmap(widgets.VBox):
         keys = self.tokens[:t_k]
         scores = (self.matrices["Q"] @ self.matrices["K"].T) * self.scale
         self.table.value = (
-            html_table([[_fmt(s) for s in scores[i].tolist()]], [f"q{i}"], keys, "course-score",
-                       caption=f"scores of query {i} = q{i}·kⱼ × {self.scale:.4g}")
-            + html_table([[_fmt(w) for w in weights[i].tolist()]], [f"q{i}"], keys, "course-weight",
-                         caption=f"weights of query {i} = softmax(scores), sum to 1")
-            + html_table([[_fmt(o) for o in output[i].tolist()]], [f"q{i}"],
-                         [f"d{j}" for j in range(output.shape[1])], "course-output",
-                         caption=f"output of query {i} = weights[{i}] @ V")
+            html_table(
+                [[_fmt(s) for s in scores[i].tolist()]],
+                [f"q{i}"],
+                keys,
+                "course-score",
+                caption=f"scores of query {i} = q{i}·kⱼ × {self.scale:.4g}",
+            )
+            + html_table(
+                [[_fmt(w) for w in weights[i].tolist()]],
+                [f"q{i}"],
+                keys,
+                "course-weight",
+                caption=f"weights of query {i} = softmax(scores), sum to 1",
+            )
+            + html_table(
+                [[_fmt(o) for o in output[i].tolist()]],
+                [f"q{i}"],
+                [f"d{j}" for j in range(output.shape[1])],
+                "course-output",
+                caption=f"output of query {i} = weights[{i}] @ V",
+            )
         )
         self.image.value = figure_to_png(self.figure())
 
@@ -142,4 +164,3 @@ class AttentionHeatmap(widgets.VBox):
         ax.set_title(f"softmax({scaling})")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="weight")
         return fig
-

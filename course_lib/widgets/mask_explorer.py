@@ -23,12 +23,12 @@ from course_lib.masks import (
     mlm_mask,
     token_mask_from_lengths,
 )
-from course_lib.widgets.render import figure_to_png, html_table
+from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 MIN_LEN = 2
 
 
-class MaskExplorer(widgets.VBox):
+class MaskExplorer(SnapshotMixin, widgets.VBox):
     """Masks for a batch built from `token_ids` (B, T_max): row b holds sequence b's tokens, of which the
     first `T - padding[b]` are used at sequence length T, placed on the chosen padding side."""
 
@@ -51,7 +51,9 @@ class MaskExplorer(widgets.VBox):
         if padding is None:
             padding = [min(b, t_max - 1) for b in range(batch)]
         if len(padding) != batch or any(not 0 <= p < t_max for p in padding):
-            raise ValueError(f"padding must give each of the {batch} sequences a count in [0, {t_max - 1}], got {padding}")
+            raise ValueError(
+                f"padding must give each of the {batch} sequences a count in [0, {t_max - 1}], got {padding}"
+            )
         if vocab is not None and len(vocab) != vocab_size:
             raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
         self.token_ids = token_ids.clone()
@@ -84,13 +86,15 @@ class MaskExplorer(widgets.VBox):
             control.observe(self._on_change, names="value")
         self.draw.on_click(lambda _button: self.draw_mlm())
         self.clear.on_click(lambda _button: self.clear_mlm())
-        super().__init__([
-            widgets.HBox([self.seq_len, self.side, self.causal]),
-            widgets.HBox(self.padding),
-            widgets.HBox([self.sequence, self.seed, self.draw, self.clear]),
-            widgets.HBox([self.image, self.table]),
-            self.tokens_view,
-        ])
+        super().__init__(
+            [
+                widgets.HBox([self.seq_len, self.side, self.causal]),
+                widgets.HBox(self.padding),
+                widgets.HBox([self.sequence, self.seed, self.draw, self.clear]),
+                widgets.HBox([self.image, self.table]),
+                self.tokens_view,
+            ]
+        )
         self.update()
 
     def lengths(self) -> list[int]:
@@ -119,8 +123,13 @@ class MaskExplorer(widgets.VBox):
     def draw_mlm(self) -> MLMBatch:
         """Draw BERT masking on the current batch with the chosen seed, and show it."""
         generator = torch.Generator().manual_seed(self.seed.value)
-        self.mlm = mlm_mask(self.input_ids(), mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-                            special_token_ids=self.special_token_ids, generator=generator)
+        self.mlm = mlm_mask(
+            self.input_ids(),
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size,
+            special_token_ids=self.special_token_ids,
+            generator=generator,
+        )
         self.update()
         return self.mlm
 
@@ -144,8 +153,9 @@ class MaskExplorer(widgets.VBox):
         t = self.seq_len.value
         empty = [r for r in range(t) if not any(mask[r])]
         caption = f"sequence {b}: 1 = may attend" + (f"; rows {empty} see no key" if empty else "")
-        self.table.value = html_table(mask, [f"q{i}" for i in range(t)], [f"k{j}" for j in range(t)],
-                                      "course-mask-cell", caption=caption)
+        self.table.value = html_table(
+            mask, [f"q{i}" for i in range(t)], [f"k{j}" for j in range(t)], "course-mask-cell", caption=caption
+        )
         ids = self.input_ids()[b].tolist()
         rows = [[self._name(i) for i in ids]]
         labels = ["input"]
@@ -153,8 +163,9 @@ class MaskExplorer(widgets.VBox):
             rows.append([self._name(i) for i in self.mlm.input_ids[b].tolist()])
             rows.append([self._name(i) if i != IGNORE_INDEX else "·" for i in self.mlm.labels[b].tolist()])
             labels += ["MLM input", "MLM label"]
-        self.tokens_view.value = html_table(rows, labels, [str(j) for j in range(t)], "course-mask-token",
-                                            caption="tokens (· = label ignored, -100)")
+        self.tokens_view.value = html_table(
+            rows, labels, [str(j) for j in range(t)], "course-mask-token", caption="tokens (· = label ignored, -100)"
+        )
         self.image.value = figure_to_png(self.figure())
 
     def figure(self) -> Figure:
@@ -168,6 +179,10 @@ class MaskExplorer(widgets.VBox):
         names = [self._name(i) for i in self.input_ids()[b].tolist()]
         ax.set_xticks(range(t), names, rotation=90)
         ax.set_yticks(range(t), names)
+        ax.set_xticks([i - 0.5 for i in range(1, t)], minor=True)
+        ax.set_yticks([i - 0.5 for i in range(1, t)], minor=True)
+        ax.grid(which="minor", color="white", linewidth=1)
+        ax.tick_params(which="minor", length=0)
         ax.set_xlabel("key (blue = may attend)")
         ax.set_ylabel("query")
         kind = "causal + padding" if self.causal.value else "padding only"

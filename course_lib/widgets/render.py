@@ -10,6 +10,7 @@ import html
 import io
 from collections.abc import Sequence
 
+from IPython.display import Image
 from matplotlib.figure import Figure
 
 CELL_STYLE = "padding:2px 8px;text-align:right;border:1px solid #ddd"
@@ -46,3 +47,15 @@ def html_table(
         f'<table class="{css_class}-table" style="border-collapse:collapse;font-family:monospace">'
         f"{title}<tr><th></th>{head}</tr>{''.join(body)}</table>"
     )
+
+
+class SnapshotMixin:
+    """Gives a widget with a `figure()` method a static picture of its current state."""
+
+    def figure(self) -> Figure:
+        raise NotImplementedError
+
+    def snapshot(self) -> Image:
+        """The current figure as a PNG image: what a notebook shows after the widget, so the page reads well
+        where widgets do not run (GitHub, nbviewer), whatever matplotlib backend is active."""
+        return Image(data=figure_to_png(self.figure()))
