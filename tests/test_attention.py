@@ -119,3 +119,10 @@ def test_bad_scale(scale):
 def test_bad_empty_rows_policy():
     with pytest.raises(ValueError, match="empty_rows must be one of"):
         scaled_dot_product_attention(torch.ones(3, 2), torch.ones(3, 2), torch.ones(3, 2), empty_rows="nan")
+
+
+def test_attention_scores_checks_its_inputs():
+    with pytest.raises(ValueError, match="k must have the same last dimension d_k"):
+        attention_scores(torch.ones(3, 2), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        attention_scores(torch.ones(3, 2), torch.ones(3, 2), scale=-1.0)

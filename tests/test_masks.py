@@ -64,6 +64,8 @@ def test_key_mask_agrees_with_multihead_attention_key_padding_mask():
         (lambda: masks.token_mask_from_ids(torch.ones(1, 3, dtype=torch.long), None), "pad_id must be an int"),
         (lambda: masks.key_mask(torch.ones(2, 3)), r"token_mask must be a bool tensor of shape \(B, T\)"),
         (lambda: masks.to_key_padding_mask(torch.ones(2, 3, dtype=torch.long)), "token_mask must be a bool tensor"),
+        (lambda: masks.to_hf_attention_mask(torch.ones(2, 3)), "token_mask must be a bool tensor"),
+        (lambda: masks.causal_padding_mask(torch.ones(2, 3, 3, dtype=torch.bool)), r"token_mask must be .* \(B, T\)"),
         (
             lambda: masks.from_key_padding_mask(torch.ones(3, dtype=torch.bool)),
             "key_padding_mask must be a bool tensor",

@@ -10,6 +10,7 @@ import torch
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.masks import IGNORE_INDEX, causal_mask, mlm_mask, token_mask_from_lengths
 from course_lib.widgets import AttentionHeatmap, MaskExplorer
+from course_lib.widgets.render import figure_to_png, html_table
 
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 Q = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -164,6 +165,7 @@ def test_explorer_mlm_draw_shows_course_lib_masking(explorer):
         ({"token_ids": torch.ones(3)}, "token_ids must be an integer tensor"),
         ({"padding": [0, 12, 0]}, "padding must give each of the 3 sequences"),
         ({"vocab": ["a"]}, "vocab must have vocab_size=40 entries"),
+        ({"vocab_size": 30}, r"token_ids must lie in \[0, vocab_size=30\)"),
     ],
 )
 def test_explorer_bad_inputs(kwargs, message):
@@ -186,3 +188,12 @@ def test_snapshots_are_static_pngs_of_the_current_state(heatmap, explorer):
     before = heatmap.snapshot().data
     heatmap.query.value = 2
     assert heatmap.snapshot().data != before
+
+
+def test_render_helpers_reject_bad_input():
+    with pytest.raises(TypeError, match="figure must be a matplotlib Figure"):
+        figure_to_png("not a figure")
+    with pytest.raises(ValueError, match="one label per row"):
+        html_table([[1, 2]], ["r0", "r1"], ["a", "b"], "cls")
+    table = html_table([[1, "<b>"]], ["r0"], ["a", "b"], "cls", caption="c")
+    assert shown(table, "cls") == [["1", "&lt;b&gt;"]]

@@ -54,6 +54,8 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
             raise ValueError(
                 f"padding must give each of the {batch} sequences a count in [0, {t_max - 1}], got {padding}"
             )
+        if not isinstance(vocab_size, int) or vocab_size < 1 or not ((token_ids >= 0) & (token_ids < vocab_size)).all():
+            raise ValueError(f"token_ids must lie in [0, vocab_size={vocab_size!r})")
         if vocab is not None and len(vocab) != vocab_size:
             raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
         self.token_ids = token_ids.clone()

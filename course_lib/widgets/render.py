@@ -18,6 +18,8 @@ CELL_STYLE = "padding:2px 8px;text-align:right;border:1px solid #ddd"
 
 def figure_to_png(figure: Figure) -> bytes:
     """The figure rendered to PNG bytes, for an `ipywidgets.Image`."""
+    if not isinstance(figure, Figure):
+        raise TypeError(f"figure must be a matplotlib Figure, got {type(figure).__name__}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return buffer.getvalue()
