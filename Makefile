@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 	@echo "setup done: kernel '$(KERNEL_TITLE)' registered in $(VENV)"
 
+# JupyterLab refuses to run as root without --allow-root (containers, cloud machines).
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 # Executes every notebook in reading order, in place, so the committed notebooks carry their outputs.
 course: setup
