@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup lab course test lint bench clean
+.PHONY: setup lab course test lint bench browser-deps screenshots clean
 
 setup: $(STAMP)
 
@@ -44,10 +44,25 @@ course: setup
 			--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) "$$nb"; \
 	done
 
+# The browser test drives Debian's chromium (never a browser downloaded by playwright). Installs it where it
+# can (root with apt); elsewhere says how, and the browser test skips itself.
+browser-deps:
+	@if command -v chromium > /dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+		echo "installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; \
+	else \
+		echo "chromium is missing, so the browser test will be skipped: install it (sudo apt-get install chromium)"; \
+	fi
+
+# Refreshes the widget pictures the README shows, from a real JupyterLab session.
+screenshots: setup browser-deps
+	COURSE_SCREENSHOTS_DIR=docs $(BIN)/python -m pytest -m browser tests/test_browser.py
+
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup lint browser-deps
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=$(CELL_TIMEOUT) --nbval-sanitize-with=tests/nbval_sanitize.cfg
 

@@ -123,21 +123,21 @@ class AttentionHeatmap(SnapshotMixin, widgets.VBox):
                 [f"q{i}"],
                 keys,
                 "course-score",
-                caption=f"scores of query {i} = q{i}·kⱼ × {self.scale:.4g}",
+                caption=f"scores of query {i}: q{i}·k × {self.scale:.4g}",
             )
             + html_table(
                 [[_fmt(w) for w in weights[i].tolist()]],
                 [f"q{i}"],
                 keys,
                 "course-weight",
-                caption=f"weights of query {i} = softmax(scores), sum to 1",
+                caption=f"weights of query {i}: softmax(scores), sum 1",
             )
             + html_table(
                 [[_fmt(o) for o in output[i].tolist()]],
                 [f"q{i}"],
                 [f"d{j}" for j in range(output.shape[1])],
                 "course-output",
-                caption=f"output of query {i} = weights[{i}] @ V",
+                caption=f"output of query {i}: weights @ V",
             )
         )
         self.image.value = figure_to_png(self.figure())

@@ -14,6 +14,7 @@ from IPython.display import Image
 from matplotlib.figure import Figure
 
 CELL_STYLE = "padding:2px 8px;text-align:right;border:1px solid #ddd"
+CAPTION_STYLE = "font-family:monospace;padding:6px 0 2px"
 
 
 def figure_to_png(figure: Figure) -> bytes:
@@ -44,10 +45,10 @@ def html_table(
             for j, value in enumerate(row)
         )
         body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
-    title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    title = f'<div style="{CAPTION_STYLE}">{html.escape(caption)}</div>' if caption else ""
     return (
-        f'<table class="{css_class}-table" style="border-collapse:collapse;font-family:monospace">'
-        f"{title}<tr><th></th>{head}</tr>{''.join(body)}</table>"
+        f'<div class="{css_class}-table">{title}<table style="border-collapse:collapse;font-family:monospace">'
+        f"<tr><th></th>{head}</tr>{''.join(body)}</table></div>"
     )
 
 
