@@ -30,9 +30,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel, AutoTokenizer
 
+from course_lib.assets import minilm_dir
 from course_lib.attention import scaled_dot_product_attention
+from course_lib.data import cache_path
 from course_lib.masks import causal_padding_mask, token_mask_from_lengths
+from course_lib.model import GPT, next_token_probs
+from course_lib.tokenizer import CharTokenizer
+from course_lib.widgets import encoder_attention, gpt_attention
 
 pytestmark = pytest.mark.browser
 
@@ -47,21 +53,60 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-RUN_TIMEOUT_MS = 180_000
+RUN_TIMEOUT_MS = 480_000  # chapter 05 trains for about two minutes
 
 
-def worked_example_weights(query: int) -> torch.Tensor:
-    """Chapter 01's heat map: the attention weights of one query row of the worked example."""
+def worked_example_weights(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 01's heat map: the attention weights of the chosen query row of the worked example."""
     X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     Q = X @ torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
-    return scaled_dot_product_attention(Q, X, X)[1][query]
+    return scaled_dot_product_attention(Q, X, X)[1][int(shown["query row"])]
 
 
-def chapter02_explorer_mask(length: int) -> torch.Tensor:
-    """Chapter 02's mask explorer: sequence 2 (padding 6, on the left, causal) at sequence length T."""
-    lengths = [max(length - padding, 0) for padding in (0, 3, 6)]
+def chapter02_explorer_mask(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 02's mask explorer: the shown sequence's causal + left-padding mask at length T."""
+    length = int(shown["length T"])
+    lengths = [max(length - int(shown[f"padding {b}"]), 0) for b in range(3)]
     token_mask = token_mask_from_lengths(lengths, max_len=length, side="left")
     return causal_padding_mask(token_mask)[2, 0].double()
+
+
+def chapter05_model():
+    """The model chapter 05 trained, as it saved it for this test, with its character tokenizer."""
+    saved = torch.load(cache_path("chapter05_gpt.pt"), weights_only=False)
+    model = GPT(saved["config"]).eval()
+    model.load_state_dict(saved["state"])
+    return model, CharTokenizer(saved["chars"][:-1], unknown=saved["chars"][-1])
+
+
+def chapter05_next_token(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 05's sampling explorer: the ten most likely next tokens under the shown settings."""
+    model, tokenizer = chapter05_model()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer.encode(CHAPTER05_SAMPLING_PROMPT)])).logits[0, -1]
+    top_k = int(shown["top-k (0 off)"]) or None
+    probs = next_token_probs(logits, shown["temperature"], top_k, shown["top-p"])
+    return probs.sort(descending=True).values[:10].double()
+
+
+def chapter05_attention(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 05's attention view: the weights of the shown layer, head and query on the notebook's prompt."""
+    model, tokenizer = chapter05_model()
+    weights = gpt_attention(model, tokenizer)(CHAPTER05_ATTENTION_PROMPT)[1]
+    return weights[int(shown["layer"]), int(shown["head"]), int(shown["query"])].double()
+
+
+def chapter06_minilm_attention(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 06's MiniLM view: the pretrained encoder's weights for the shown layer, head and query."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
+    weights = encoder_attention(model, tokenizer)(CHAPTER06_PROMPT)[1]
+    return weights[int(shown["layer"]), int(shown["head"]), int(shown["query"])].double()
+
+
+CHAPTER05_SAMPLING_PROMPT = "JULIET.\nO Romeo, Romeo! wherefore art thou"
+CHAPTER05_ATTENTION_PROMPT = "ROMEO.\nBut soft, what light"
+CHAPTER06_PROMPT = "To be, or not to be, that is the question."
 
 
 @dataclass(frozen=True)
@@ -71,7 +116,7 @@ class WidgetCase:
     slider: str  # CSS class of the slider the test moves
     key: str  # the key pressed on the slider's handle: one step
     cells: str  # CSS class of the table cells whose numbers are read
-    expected: Callable[[int], torch.Tensor]  # what course_lib computes for a slider value
+    expected: Callable[[dict[str, float]], torch.Tensor]  # what course_lib computes for the sliders shown
 
 
 WIDGETS = [
@@ -79,7 +124,14 @@ WIDGETS = [
                "ArrowRight", "course-weight", worked_example_weights),
     WidgetCase("02_masking.ipynb", "course-mask-explorer", "course-mask-length",
                "ArrowLeft", "course-mask-cell", chapter02_explorer_mask),
+    WidgetCase("05_training_a_small_gpt.ipynb", "course-sampling-explorer", "course-sampling-temperature",
+               "ArrowLeft", "course-sampling-prob", chapter05_next_token),
+    WidgetCase("05_training_a_small_gpt.ipynb", "course-model-attention", "course-model-layer",
+               "ArrowRight", "course-model-weight", chapter05_attention),
+    WidgetCase("06_bert_mlm.ipynb", "course-model-attention", "course-model-layer",
+               "ArrowRight", "course-model-weight", chapter06_minilm_attention),
 ]  # fmt: skip
+NOTEBOOKS = sorted({case.notebook for case in WIDGETS})
 
 
 def require_browser() -> None:
@@ -222,11 +274,16 @@ def numbers(widget, css_class: str) -> torch.Tensor:
     table = torch.zeros(rows, cols, dtype=torch.float64)
     for r, c, text in cells:
         table[r, c] = float(text)
-    return table.squeeze(0)
+    return table.squeeze()  # a one-row or one-column table as a vector
 
 
-def slider_value(page, css_class: str) -> int:
-    return int(page.locator(f".{css_class} .widget-readout").inner_text())
+def slider_values(widget) -> dict[str, float]:
+    """Every slider of a widget as the page shows it: its label -> the number in its readout."""
+    pairs = widget.locator(".widget-slider").evaluate_all(
+        "sliders => sliders.map(s => [s.querySelector('.widget-label').textContent,"
+        " s.querySelector('.widget-readout').textContent])"
+    )
+    return {label.strip(): float(value) for label, value in pairs}
 
 
 def run_all_cells(page, lab: Lab, notebook: str) -> None:
@@ -244,46 +301,56 @@ def run_all_cells(page, lab: Lab, notebook: str) -> None:
     )
 
 
-@pytest.mark.parametrize("case", WIDGETS, ids=[case.notebook.removesuffix(".ipynb") for case in WIDGETS])
-def test_chapter_runs_in_jupyterlab_and_its_widget_works(guarded, lab, case, tmp_path):
+def check_widget(page, case: WidgetCase, tmp_path: Path) -> None:
+    """The widget rendered, shows what course_lib computes, and still does after one step of a slider."""
+    widget = page.locator(f".{case.widget}").first
+    widget.scroll_into_view_if_needed()
+    image = widget.locator("img").first
+    assert image.evaluate("img => img.complete && img.naturalWidth > 0"), "the widget's picture did not render"
+    before = slider_values(widget)
+    torch.testing.assert_close(numbers(widget, case.cells), case.expected(before), atol=5e-5, rtol=0)
+
+    label = widget.locator(f".{case.slider} .widget-label").inner_text().strip()
+    handle = widget.locator(f".{case.slider} .noUi-handle")
+    handle.focus()
+    handle.press(case.key)
+    deadline = time.monotonic() + 30
+    while (after := slider_values(widget))[label] == before[label]:
+        assert time.monotonic() < deadline, f"pressing {case.key} did not move the slider '{label}'"
+        time.sleep(0.1)
+    expected = case.expected(after)
+    while True:  # the kernel recomputes and sends the new table back
+        try:
+            shown = numbers(widget, case.cells)
+            if shown.shape == expected.shape and torch.allclose(shown, expected, atol=5e-5, rtol=0):
+                break
+        except ValueError:  # the table is being replaced
+            shown = None
+        assert time.monotonic() < deadline, (
+            f"after moving '{label}' the page shows {shown}, course_lib computes {expected}"
+        )
+        time.sleep(0.2)
+    name = f"{Path(case.notebook).stem}-{case.widget.removeprefix('course-')}"
+    widget.screenshot(path=tmp_path / f"{name}.png")
+    if "COURSE_SCREENSHOTS_DIR" in os.environ:
+        target = Path(os.environ["COURSE_SCREENSHOTS_DIR"]) / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / f"{name}.png", target)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.removesuffix(".ipynb") for n in NOTEBOOKS])
+def test_chapter_runs_in_jupyterlab_and_its_widgets_work(guarded, lab, notebook, tmp_path):
     page = guarded.page
-    run_all_cells(page, lab, case.notebook)
+    run_all_cells(page, lab, notebook)
     stderr = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]').all_text_contents()
     errors = [text[:300] for text in stderr if re.search(r"Traceback|Error", text)]
     assert not errors, f"cells show errors: {errors}"
     counts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_text_contents()
     assert counts == [f"[{i}]:" for i in range(1, len(counts) + 1)], "cells did not all run, in order"
-
-    widget = page.locator(f".{case.widget}").first
-    widget.scroll_into_view_if_needed()
-    image = widget.locator("img").first
-    assert image.evaluate("img => img.complete && img.naturalWidth > 0"), "the widget's picture did not render"
     page.screenshot(path=tmp_path / "page.png")
-    before = slider_value(page, case.slider)
-    torch.testing.assert_close(numbers(widget, case.cells), case.expected(before), atol=5e-5, rtol=0)
-
-    handle = widget.locator(f".{case.slider} .noUi-handle")
-    handle.focus()
-    handle.press(case.key)
-    page.wait_for_function(
-        "([css, old]) => document.querySelector(`.${css} .widget-readout`).textContent.trim() !== String(old)",
-        arg=[case.slider, before],
-    )
-    after = slider_value(page, case.slider)
-    assert after != before
-    expected = case.expected(after)
-    page.wait_for_function(  # the kernel recomputes and sends the new table back
-        "([css, n]) => document.querySelectorAll(`td.${css}`).length === n", arg=[case.cells, expected.numel()]
-    )
-    deadline = time.monotonic() + 30
-    while not torch.allclose(shown := numbers(widget, case.cells), expected, atol=5e-5, rtol=0):
-        assert time.monotonic() < deadline, f"the page shows {shown.tolist()}, course_lib computes {expected.tolist()}"
-        time.sleep(0.2)
-    widget.screenshot(path=tmp_path / "widget.png")
-    if "COURSE_SCREENSHOTS_DIR" in os.environ:
-        target = Path(os.environ["COURSE_SCREENSHOTS_DIR"]) / f"{Path(case.notebook).stem}-widget.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp_path / "widget.png", target)
+    for case in WIDGETS:
+        if case.notebook == notebook:
+            check_widget(page, case, tmp_path)
     assert not guarded.leaving, f"requests tried to leave localhost: {guarded.leaving}"
 
 

@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from course_lib.model import GPT
-from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
+from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table, visible_token
 
 # text -> (token strings, attention weights (n_layer, n_head, T, T))
 AttentionFn = Callable[[str], tuple[list[str], torch.Tensor]]
@@ -45,10 +45,6 @@ def encoder_attention(model, tokenizer) -> AttentionFn:
         return tokenizer.convert_ids_to_tokens(encoded["input_ids"][0]), torch.stack([a[0] for a in out.attentions])
 
     return attend
-
-
-def _display(token: str) -> str:
-    return repr(token)[1:-1] if token.strip() != token or not token.isprintable() else token
 
 
 class ModelAttention(SnapshotMixin, widgets.VBox):
@@ -95,15 +91,16 @@ class ModelAttention(SnapshotMixin, widgets.VBox):
 
     def update(self) -> None:
         row = self.head_weights()[self.query.value]
-        self.table.value = html_table([[f"{w:.4f}" for w in row.tolist()]], [_display(self.tokens[self.query.value])],
-                                      [_display(t) for t in self.tokens], "course-model-weight",
-                                      caption=f"layer {self.layer.value}, head {self.head.value}: "
-                                              f"where query {self.query.value} looks")  # fmt: skip
+        query_token = visible_token(self.tokens[self.query.value])
+        caption = f"layer {self.layer.value}, head {self.head.value}: where query {self.query.value} looks"
+        keys = [visible_token(t) for t in self.tokens]
+        cells = [[f"{w:.4f}" for w in row.tolist()]]
+        self.table.value = html_table(cells, [query_token], keys, "course-model-weight", caption=caption)
         self.image.value = figure_to_png(self.figure())
 
     def figure(self) -> Figure:
-        weights, labels = self.head_weights(), [_display(t) for t in self.tokens]
-        size = min(0.35 * len(labels) + 1.5, 11)
+        weights, labels = self.head_weights(), [visible_token(t) for t in self.tokens]
+        size = min(0.25 * len(labels) + 1.8, 8)
         fig = Figure(figsize=(size + 1.0, size))
         ax = fig.add_subplot()
         image = ax.imshow(weights.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)

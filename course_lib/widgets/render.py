@@ -17,6 +17,11 @@ CELL_STYLE = "padding:2px 8px;text-align:right;border:1px solid #ddd"
 CAPTION_STYLE = "font-family:monospace;padding:6px 0 2px"
 
 
+def visible_token(token: str) -> str:
+    """A token as a reader can see it: a space as '␣', a newline or tab escaped as \\n or \\t."""
+    return repr(token)[1:-1].replace(" ", "␣") if token.strip() != token or not token.isprintable() else token
+
+
 def figure_to_png(figure: Figure) -> bytes:
     """The figure rendered to PNG bytes, for an `ipywidgets.Image`."""
     if not isinstance(figure, Figure):

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from course_lib.model import GPT, next_token_probs
-from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
+from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table, visible_token
 
 SHOWN = 10  # tokens in the table and the chart
 
@@ -24,10 +24,6 @@ class TextCodec(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
-
-
-def _show_token(text: str) -> str:
-    return repr(text)[1:-1] if text.strip() != text or not text.isprintable() else text
 
 
 class SamplingExplorer(SnapshotMixin, widgets.VBox):
@@ -84,22 +80,22 @@ class SamplingExplorer(SnapshotMixin, widgets.VBox):
 
     def update(self) -> None:
         top = self.top()
-        self.table.value = html_table([[f"{p:.4f}"] for _, p in top], [_show_token(t) for t, _ in top],
+        self.table.value = html_table([[f"{p:.4f}"] for _, p in top], [visible_token(t) for t, _ in top],
                                       ["probability"], "course-sampling-prob",
                                       caption=f"next token after the prompt, top {SHOWN}")  # fmt: skip
+        self.image.value = figure_to_png(self.figure())
         text = self.sample()
         self.continuation.value = (
             '<pre class="course-sampling-text" style="white-space:pre-wrap;font-size:12px">'
             f"<b>{html.escape(self.prompt.value)}</b>{html.escape(text)}</pre>"
         )
-        self.image.value = figure_to_png(self.figure())
 
     def figure(self) -> Figure:
         top = self.top()
         fig = Figure(figsize=(5.2, 3.0))
         ax = fig.add_subplot()
         ax.bar(range(len(top)), [p for _, p in top], color="#2b6cb0")
-        ax.set_xticks(range(len(top)), [_show_token(t) for t, _ in top])
+        ax.set_xticks(range(len(top)), [visible_token(t) for t, _ in top])
         ax.set_ylim(0, 1)
         ax.set_ylabel("probability")
         ax.set_xlabel("next token (most likely first)")
