@@ -68,6 +68,7 @@ test: setup lint browser-deps
 
 bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
+	$(BIN)/python benchmarks/train_gpt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

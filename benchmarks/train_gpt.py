@@ -49,7 +49,7 @@ def run(name: str, recipe: Recipe, steps: int, data: torch.Tensor, val: torch.Te
     seconds = time.perf_counter() - start
     n_eval = max(1, EVAL_TOKENS // (recipe.batch_size * recipe.block_size))
     loss = evaluate(model, eval_batches(val, recipe.batch_size, recipe.block_size, n_eval))
-    tokens = sum(recipe.batch_size * recipe.block_size for _ in history.step)
+    tokens = len(history.step) * recipe.batch_size * recipe.block_size
     return Result(name, steps, seconds, tokens / seconds, loss / math.log(2))
 
 
