@@ -65,6 +65,10 @@ class GPTConfig:
 def rope_cos_sin(positions: torch.Tensor, head_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (T, head_size) for rotary embeddings: pair (i, i + head_size/2) of a query or key at
     position p is rotated by the angle p · base^(-2i/head_size)."""
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+        raise ValueError("positions must be a 1-D tensor of token positions")
+    if not isinstance(head_size, int) or head_size < 2 or head_size % 2:
+        raise ValueError(f"head_size must be an even int >= 2 (RoPE rotates pairs), got {head_size!r}")
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
@@ -74,6 +78,14 @@ def rope_cos_sin(positions: torch.Tensor, head_size: int, base: float = 10000.0)
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the halves of the last dimension of x (..., T, head_size) by the angles in cos/sin (T, head_size).
     A rotation keeps lengths, and q·k then depends only on the distance between the two positions."""
+    try:
+        fits = cos.shape == sin.shape and torch.broadcast_shapes(x.shape, cos.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"x (..., T, head_size) {tuple(x.shape)} must match cos and sin (T, head_size) {tuple(cos.shape)}"
+        )
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

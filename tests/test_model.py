@@ -189,3 +189,13 @@ def test_next_token_probs_temperature_top_k_top_p():
 def test_next_token_probs_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         next_token_probs(torch.zeros(1, 4), **kwargs)
+
+
+def test_rope_rejects_bad_input():
+    with pytest.raises(ValueError, match="head_size must be an even int"):
+        rope_cos_sin(torch.arange(4), 7)
+    with pytest.raises(ValueError, match="positions must be a 1-D tensor"):
+        rope_cos_sin(torch.zeros(2, 2), 8)
+    cos, sin = rope_cos_sin(torch.arange(4), 8)
+    with pytest.raises(ValueError, match="must match cos and sin"):
+        apply_rope(torch.randn(1, 5, 8), cos, sin)
