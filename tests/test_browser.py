@@ -246,7 +246,7 @@ class GuardedPage:
 @pytest.fixture
 def guarded(browser, lab) -> GuardedPage:
     """A fresh page whose every request that would leave localhost is blocked and recorded."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 1600})
     leaving: list[str] = []
 
     def route(request_route):
