@@ -79,12 +79,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the halves of the last dimension of x (..., T, head_size) by the angles in cos/sin (T, head_size).
     A rotation keeps lengths, and q·k then depends only on the distance between the two positions."""
     try:
-        fits = cos.shape == sin.shape and torch.broadcast_shapes(x.shape, cos.shape) == x.shape
+        fits = (
+            cos.shape == sin.shape and x.shape[-1] == cos.shape[-1] and bool(torch.broadcast_shapes(x.shape, cos.shape))
+        )
     except RuntimeError:
         fits = False
     if not fits:
         raise ValueError(
-            f"x (..., T, head_size) {tuple(x.shape)} must match cos and sin (T, head_size) {tuple(cos.shape)}"
+            f"x (..., T, head_size) {tuple(x.shape)} must broadcast with cos and sin (T, head_size) {tuple(cos.shape)}"
         )
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

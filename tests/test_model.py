@@ -197,5 +197,8 @@ def test_rope_rejects_bad_input():
     with pytest.raises(ValueError, match="positions must be a 1-D tensor"):
         rope_cos_sin(torch.zeros(2, 2), 8)
     cos, sin = rope_cos_sin(torch.arange(4), 8)
-    with pytest.raises(ValueError, match="must match cos and sin"):
+    with pytest.raises(ValueError, match="must broadcast with cos and sin"):
         apply_rope(torch.randn(1, 5, 8), cos, sin)
+    with pytest.raises(ValueError, match="must broadcast with cos and sin"):
+        apply_rope(torch.randn(4, 6), cos, sin)
+    assert apply_rope(torch.randn(8), cos, sin).shape == (4, 8)  # one vector at every position

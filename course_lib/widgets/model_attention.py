@@ -64,10 +64,9 @@ class ModelAttention(SnapshotMixin, widgets.VBox):
         self.image = widgets.Image(format="png")
         self.table = widgets.HTML()
         self.add_class("course-model-attention")
-        for control in (self.layer, self.head, self.query):
-            control.add_class(f"course-model-{control.description}")
         self.prompt.observe(self._on_prompt, names="value")
         for control in (self.layer, self.head, self.query):
+            control.add_class(f"course-model-{control.description}")
             control.observe(lambda _change: self.update(), names="value")
         super().__init__([self.prompt, widgets.HBox([self.layer, self.head, self.query]), self.image, self.table])
         self.tokens, self.weights = tokens, weights
