@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.masks import causal_mask
@@ -186,6 +187,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing its activations
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by 1/sqrt(2 n_layer)
             if name.endswith(("out_proj.weight", "mlp.proj.weight")):
@@ -230,7 +232,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         presents, attentions = [], []
         for i, block in enumerate(self.blocks):
-            x, present, weights = block(x, None if past is None else past[i], rope, return_attention)
+            if self.gradient_checkpointing and self.training and past is None and not return_attention:
+                # Keep only the block's input; backward re-runs the block to get what it needs.
+                x = checkpoint(lambda h, b=block: b(h, None, rope)[0], x, use_reentrant=False)
+                present, weights = None, None
+            else:
+                x, present, weights = block(x, None if past is None else past[i], rope, return_attention)
             presents.append(present)
             attentions.append(weights)
         logits = self.lm_head(self.ln_f(x))

@@ -7,6 +7,7 @@ steps AdamW; a DDP, FSDP or DeepSpeed run swaps in its own stepper and keeps the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from course_lib.masks import IGNORE_INDEX
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,6 +36,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None = no clipping
     eval_every: int = 0  # evaluate every N steps (and after the last); 0 = only after the last
+    accumulation_steps: int = 1  # micro-batches whose gradients add up to one optimizer step
+    precision: str = "fp32"  # "bf16" or "fp16": the forward pass runs under torch.autocast
+    loss_scaling: bool = True  # fp16 only: scale the loss (torch.amp.GradScaler) so small gradients survive
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -50,6 +57,14 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+        if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "fp16" and not self.loss_scaling:
+            raise ValueError(
+                "precision='fp16' needs loss_scaling=True: without a GradScaler small gradients underflow to 0"
+            )
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -105,21 +120,50 @@ class Stepper(Protocol):
 
 
 class PlainStepper:
-    """loss.backward(), clip the global gradient norm, optimizer.step(), zero the gradients."""
+    """loss.backward(), clip the global gradient norm, optimizer.step(), zero the gradients. With a GradScaler
+    (fp16) the loss is scaled up before backward and the gradients unscaled before clipping; the scaler skips
+    a step whose gradients overflowed and lowers its scale."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
-        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.grad_clip, self.scaler = model, optimizer, grad_clip, scaler
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+
+def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for "bf16"/"fp16" (matmuls in low precision, weights and reductions in fp32); nothing
+    for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def target_count(y: torch.Tensor) -> int:
+    """Positions that carry a loss: every target except IGNORE_INDEX (padding, unmasked BERT tokens)."""
+    return int((y != IGNORE_INDEX).sum())
 
 
 @dataclass
@@ -148,14 +192,20 @@ def train(
     """Train for config.steps steps on `batches`, evaluating on `eval_batches`; returns the History.
 
     `optimizer` defaults to make_optimizer(model, config); its learning rate is set from lr_at every step.
-    `stepper` defaults to PlainStepper: pass another to change how gradients are made and applied.
+    `stepper` defaults to PlainStepper (with a GradScaler for fp16): pass another to change how gradients
+    are made and applied. With accumulation_steps = k each step draws k micro-batches and weights each one's
+    mean loss by its share of the step's targets, so the gradient is the per-token mean over all k, even when
+    the micro-batches hold different numbers of targets.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not hasattr(batches, "__next__"):
         raise TypeError("batches must be an iterator of (x, y) batches, e.g. course_lib.data.random_batches(...)")
     optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
-    stepper = stepper if stepper is not None else PlainStepper(model, optimizer, config.grad_clip)
+    device_type = next(model.parameters()).device.type
+    if stepper is None:
+        scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
+        stepper = PlainStepper(model, optimizer, config.grad_clip, scaler)
     history = History()
     model.train()
     bar = tqdm(range(config.steps), disable=not progress, desc="training", unit="step")
@@ -164,21 +214,29 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        x, y = next(batches)
-        loss = loss_fn(model, x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower lr or enable grad_clip")
-        stepper.backward(loss)
+        micro_batches = [next(batches) for _ in range(config.accumulation_steps)]
+        counts = [target_count(y) for _, y in micro_batches]
+        if sum(counts) == 0:
+            raise ValueError(f"the batches of step {step} have no targets (every label is IGNORE_INDEX)")
+        loss_value = 0.0
+        for (x, y), count in zip(micro_batches, counts, strict=True):
+            with autocast(config.precision, device_type):
+                loss = loss_fn(model, x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower lr or enable grad_clip")
+            share = count / sum(counts)
+            stepper.backward(loss * share)
+            loss_value += loss.item() * share
         grad_norm = stepper.step()
-        tokens_per_s = y.numel() / (time.perf_counter() - start)
-        for name, value in (("step", step), ("loss", loss.item()), ("lr", lr), ("grad_norm", grad_norm),
+        tokens_per_s = sum(y.numel() for _, y in micro_batches) / (time.perf_counter() - start)
+        for name, value in (("step", step), ("loss", loss_value), ("lr", lr), ("grad_norm", grad_norm),
                             ("tokens_per_s", tokens_per_s)):  # fmt: skip
             getattr(history, name).append(value)
         last = step == config.steps - 1
         if eval_batches is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
             history.eval_step.append(step + 1)
             history.eval_loss.append(evaluate(model, eval_batches, loss_fn))
-        postfix = {"loss": f"{loss.item():.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if history.eval_loss:
             postfix["val"] = f"{history.eval_loss[-1]:.3f}"
         bar.set_postfix(postfix, refresh=False)

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -6,7 +7,17 @@ import torch
 from course_lib.data import random_batches
 from course_lib.model import GPT, GPTConfig, to_gpt2
 from course_lib.recipes import CHAPTER05
-from course_lib.train import History, PlainStepper, TrainConfig, evaluate, lm_loss, lr_at, make_optimizer, train
+from course_lib.train import (
+    History,
+    PlainStepper,
+    TrainConfig,
+    autocast,
+    evaluate,
+    lm_loss,
+    lr_at,
+    make_optimizer,
+    train,
+)
 
 TOKENS = torch.tensor(([0, 1, 2, 3, 4, 5, 6, 7] * 200), dtype=torch.uint8)  # a pattern a GPT learns quickly
 
@@ -134,3 +145,115 @@ def test_chapter05_recipe_is_a_valid_configuration():
     assert config.steps == CHAPTER05.steps and config.warmup_steps == CHAPTER05.warmup_steps
     assert CHAPTER05.train_config(10).warmup_steps == 10  # warmup never longer than a short run
     assert CHAPTER05.model_config(vocab_size=85).block_size == CHAPTER05.block_size
+
+
+def accumulation_runs(k: int, micro_size: int, steps: int = 3, scale_by_k: bool = True):
+    """Train twice from the same weights: one batch of k * micro_size windows per step, and k micro-batches."""
+    windows = [next(random_batches(TOKENS, k * micro_size, 8, seed=s)) for s in range(steps)]
+    micro = [(x[i * micro_size : (i + 1) * micro_size], y[i * micro_size : (i + 1) * micro_size])
+             for x, y in windows for i in range(k)]  # fmt: skip
+    # SGD, not AdamW: Adam divides each update by the gradient's running scale, so it would hide a wrong 1/k
+    # and turn the float noise of gradients that are exactly 0 in theory (the key bias) into full-size steps.
+    config = TrainConfig(steps=steps, lr=0.5, min_lr=0.1, grad_clip=None)
+    big, accumulated = tiny_model(), tiny_model()
+    train(big, iter(windows), config, optimizer=torch.optim.SGD(big.parameters()), progress=False)
+    loss_fn = lm_loss if scale_by_k else (lambda m, x, y: k * lm_loss(m, x, y))
+    train(accumulated, iter(micro), dataclasses.replace(config, accumulation_steps=k), loss_fn=loss_fn,
+          optimizer=torch.optim.SGD(accumulated.parameters()), progress=False)  # fmt: skip
+    return big, accumulated
+
+
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
+    big, accumulated = accumulation_runs(k=4, micro_size=2)
+    for (name, p), q in zip(big.named_parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
+
+
+def test_summing_without_the_one_over_k_does_not():
+    big, summed = accumulation_runs(k=4, micro_size=2, scale_by_k=False)
+    assert max((p - q).abs().max().item() for p, q in zip(big.parameters(), summed.parameters(), strict=True)) > 1e-4
+
+
+def test_uneven_micro_batches_are_averaged_per_target():
+    x, y = next(random_batches(TOKENS, 4, 8, seed=1))
+    y = y.clone()
+    y[0, :6] = -100  # the first micro-batch has fewer targets than the second
+    whole, parts = tiny_model(), tiny_model()
+    lm_loss(whole, x, y).backward()
+    config = TrainConfig(steps=1, accumulation_steps=2)
+    stepper = PlainStepper(parts, torch.optim.SGD(parts.parameters(), lr=0.0), grad_clip=None)
+    stepper.step = lambda: 0.0  # keep the accumulated gradients to compare them
+    train(parts, iter([(x[:1], y[:1]), (x[1:], y[1:])]), config, stepper=stepper, progress=False)
+    for p, q in zip(whole.parameters(), parts.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(precision):
+    batches = [next(random_batches(TOKENS, 8, 8, seed=s)) for s in range(20)]
+    config = TrainConfig(steps=20, lr=1e-2, min_lr=1e-3)
+    fp32 = train(tiny_model(), iter(batches), config, progress=False)
+    low = train(tiny_model(), iter(batches), dataclasses.replace(config, precision=precision), progress=False)
+    assert abs(low.loss[-1] - fp32.loss[-1]) < 0.1 and low.loss[-1] < low.loss[0]
+
+
+def test_fp16_uses_a_grad_scaler_and_refuses_to_run_without_one():
+    seen = []
+
+    class Spy(PlainStepper):
+        def step(self):
+            seen.append(self.scaler)
+            return super().step()
+
+    model = tiny_model()
+    optimizer = make_optimizer(model, TrainConfig(steps=1))
+    scaler = torch.amp.GradScaler("cpu")
+    train(model, random_batches(TOKENS, 2, 8), TrainConfig(steps=1, precision="fp16"), optimizer=optimizer,
+          stepper=Spy(model, optimizer, 1.0, scaler), progress=False)  # fmt: skip
+    assert seen == [scaler] and scaler.get_scale() > 1
+    with pytest.raises(ValueError, match="needs loss_scaling=True"):
+        TrainConfig(steps=1, precision="fp16", loss_scaling=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1"),
+        ({"precision": "fp8"}, "precision must be one of"),
+    ],
+)
+def test_new_settings_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(steps=1, **kwargs)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast("int8", "cpu")
+
+
+def test_a_step_without_targets_is_an_error():
+    x, y = next(random_batches(TOKENS, 2, 8))
+    with pytest.raises(ValueError, match="no targets"):
+        train(tiny_model(), iter([(x, torch.full_like(y, -100))]), TrainConfig(steps=1), progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activations():
+    x, y = next(random_batches(TOKENS, 4, 8, seed=2))
+
+    def saved_bytes_and_grads(checkpointing: bool):
+        model = tiny_model()
+        model.gradient_checkpointing = checkpointing
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = lm_loss(model, x, y)
+        loss.backward()
+        return sum(saved), [p.grad for p in model.parameters()]
+
+    full_bytes, full_grads = saved_bytes_and_grads(False)
+    ckpt_bytes, ckpt_grads = saved_bytes_and_grads(True)
+    assert ckpt_bytes < full_bytes
+    for a, b in zip(full_grads, ckpt_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
