@@ -12,7 +12,6 @@ The split is by work, fixed and documented: in file-name order, every tenth work
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -104,14 +103,37 @@ def get_batch(
     return x, y
 
 
-def random_batches(
-    data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An endless, seeded stream of get_batch draws: the same seed gives the same batches."""
-    _check_windows(data, batch_size, block_size)
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield get_batch(data, batch_size, block_size, generator)
+class RandomBatches:
+    """An endless, seeded stream of get_batch draws: the same seed gives the same batches. Its position is
+    the state of its generator, which `state_dict` saves and `load_state_dict` restores, so a resumed run
+    continues with exactly the batches the interrupted one would have drawn next."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0) -> None:
+        _check_windows(data, batch_size, block_size)
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0
+
+    def __iter__(self) -> RandomBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drawn += 1
+        return get_batch(self.data, self.batch_size, self.block_size, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"generator", "drawn"}:
+            raise ValueError("state must come from RandomBatches.state_dict()")
+        self.generator.set_state(state["generator"])
+        self.drawn = state["drawn"]
+
+
+def random_batches(data: torch.Tensor, batch_size: int, block_size: int, seed: int = 0) -> RandomBatches:
+    """An endless, seeded, resumable stream of random windows (see RandomBatches)."""
+    return RandomBatches(data, batch_size, block_size, seed)
 
 
 def eval_batches(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,6 +191,8 @@ def train(
     stepper: Stepper | None = None,
     loss_fn: LossFn = lm_loss,
     progress: bool = True,
+    start_step: int = 0,
+    stop_after: int | None = None,
 ) -> History:
     """Train for config.steps steps on `batches`, evaluating on `eval_batches`; returns the History.
 
@@ -195,7 +200,8 @@ def train(
     `stepper` defaults to PlainStepper (with a GradScaler for fp16): pass another to change how gradients
     are made and applied. With accumulation_steps = k each step draws k micro-batches and weights each one's
     mean loss by its share of the step's targets, so the gradient is the per-token mean over all k, even when
-    the micro-batches hold different numbers of targets.
+    the micro-batches hold different numbers of targets. `start_step` continues a run restored with
+    load_checkpoint; `stop_after` ends it after that many steps (an interruption, for chapter 07).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -206,9 +212,14 @@ def train(
     if stepper is None:
         scaler = torch.amp.GradScaler(device_type) if config.precision == "fp16" else None
         stepper = PlainStepper(model, optimizer, config.grad_clip, scaler)
+    if not isinstance(start_step, int) or not 0 <= start_step < config.steps:
+        raise ValueError(f"start_step must be an int in [0, steps={config.steps}), got {start_step!r}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+    end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     history = History()
     model.train()
-    bar = tqdm(range(config.steps), disable=not progress, desc="training", unit="step")
+    bar = tqdm(range(start_step, end), disable=not progress, desc="training", unit="step")
     for step in bar:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
@@ -241,3 +252,49 @@ def train(
             postfix["val"] = f"{history.eval_loss[-1]:.3f}"
         bar.set_postfix(postfix, refresh=False)
     return history
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_step: int,
+    batches: object | None = None,
+    stepper: PlainStepper | None = None,
+) -> None:
+    """Everything a run needs to continue exactly: weights, optimizer moments, the step (the learning-rate
+    schedule is a function of it), every random generator, the data stream's position and the loss scale."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "next_step": next_step,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        "scaler": stepper.scaler.state_dict() if stepper is not None and stepper.scaler is not None else None,
+    }
+    torch.save(state, path)
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: object | None = None,
+    stepper: PlainStepper | None = None,
+) -> int:
+    """Restore what save_checkpoint saved into fresh objects; returns the step to pass as train(start_step=)."""
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["batches"] is not None:
+        if not hasattr(batches, "load_state_dict"):
+            raise ValueError("the checkpoint saved a data position: pass the batches (a RandomBatches) to restore it")
+        batches.load_state_dict(state["batches"])
+    if state["scaler"] is not None:
+        if stepper is None or stepper.scaler is None:
+            raise ValueError("the checkpoint saved a loss scale: pass a stepper with a GradScaler to restore it")
+        stepper.scaler.load_state_dict(state["scaler"])
+    return state["next_step"]

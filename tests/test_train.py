@@ -14,8 +14,10 @@ from course_lib.train import (
     autocast,
     evaluate,
     lm_loss,
+    load_checkpoint,
     lr_at,
     make_optimizer,
+    save_checkpoint,
     train,
 )
 
@@ -257,3 +259,37 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_activa
     assert ckpt_bytes < full_bytes
     for a, b in zip(full_grads, ckpt_grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path):
+    config = TrainConfig(steps=10, lr=1e-2, min_lr=1e-3, warmup_steps=2)
+    uninterrupted = tiny_model()
+    full = train(uninterrupted, random_batches(TOKENS, 4, 8, seed=5), config, progress=False)
+
+    first = tiny_model()
+    optimizer, batches = make_optimizer(first, config), random_batches(TOKENS, 4, 8, seed=5)
+    before = train(first, batches, config, optimizer=optimizer, stop_after=4, progress=False)
+    save_checkpoint(tmp_path / "run.pt", first, optimizer, next_step=4, batches=batches)
+
+    resumed = tiny_model(seed=99)  # fresh objects, different weights: everything must come from the checkpoint
+    optimizer, batches = make_optimizer(resumed, config), random_batches(TOKENS, 4, 8, seed=123)
+    start = load_checkpoint(tmp_path / "run.pt", resumed, optimizer, batches=batches)
+    after = train(resumed, batches, config, optimizer=optimizer, start_step=start, progress=False)
+    assert before.step + after.step == full.step
+    assert before.loss + after.loss == full.loss and before.lr + after.lr == full.lr
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_resume_arguments_are_checked(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"start_step must be an int in \[0, steps=2\)"):
+        train(model, random_batches(TOKENS, 2, 8), TrainConfig(steps=2), start_step=2, progress=False)
+    with pytest.raises(ValueError, match="stop_after must be a positive int"):
+        train(model, random_batches(TOKENS, 2, 8), TrainConfig(steps=2), stop_after=0, progress=False)
+    optimizer = make_optimizer(model, TrainConfig(steps=1))
+    save_checkpoint(tmp_path / "c.pt", model, optimizer, next_step=1, batches=random_batches(TOKENS, 2, 8))
+    with pytest.raises(ValueError, match="pass the batches"):
+        load_checkpoint(tmp_path / "c.pt", model, optimizer)
+    with pytest.raises(ValueError, match="state must come from RandomBatches"):
+        random_batches(TOKENS, 2, 8).load_state_dict({"position": 3})
