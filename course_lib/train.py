@@ -219,7 +219,8 @@ def train(
     end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     history = History()
     model.train()
-    bar = tqdm(range(start_step, end), disable=not progress, desc="training", unit="step")
+    # mininterval: redraw at most once a second, so a long run sends the notebook a few hundred updates, not thousands
+    bar = tqdm(range(start_step, end), disable=not progress, desc="training", unit="step", mininterval=1.0)
     for step in bar:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
