@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from course_lib.attention import scaled_dot_product_attention
+from course_lib.attention import attention_scores, scaled_dot_product_attention
 from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 DIGITS = 4  # decimals shown in the tables
@@ -116,29 +116,20 @@ class AttentionHeatmap(SnapshotMixin, widgets.VBox):
         i = self.query.value
         t_k = weights.shape[1]
         keys = self.tokens[:t_k]
-        scores = (self.matrices["Q"] @ self.matrices["K"].T) * self.scale
-        self.table.value = (
-            html_table(
-                [[_fmt(s) for s in scores[i].tolist()]],
-                [f"q{i}"],
-                keys,
-                "course-score",
-                caption=f"scores of query {i}: q{i}·k × {self.scale:.4g}",
-            )
-            + html_table(
-                [[_fmt(w) for w in weights[i].tolist()]],
-                [f"q{i}"],
-                keys,
-                "course-weight",
-                caption=f"weights of query {i}: softmax(scores), sum 1",
-            )
-            + html_table(
-                [[_fmt(o) for o in output[i].tolist()]],
-                [f"q{i}"],
+        scores = attention_scores(self.matrices["Q"], self.matrices["K"], scale=self.scale)
+        rows = [
+            (scores[i], keys, "course-score", f"scores of query {i}: q{i}·k × {self.scale:.4g}"),
+            (weights[i], keys, "course-weight", f"weights of query {i}: softmax(scores), sum 1"),
+            (
+                output[i],
                 [f"d{j}" for j in range(output.shape[1])],
                 "course-output",
-                caption=f"output of query {i}: weights @ V",
-            )
+                f"output of query {i}: weights @ V",
+            ),
+        ]
+        self.table.value = "".join(
+            html_table([[_fmt(v) for v in values.tolist()]], [f"q{i}"], columns, css, caption=caption)
+            for values, columns, css, caption in rows
         )
         self.image.value = figure_to_png(self.figure())
 
