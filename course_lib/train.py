@@ -97,9 +97,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy. Works for any model whose output has `.logits` (B, T, V): ours and
-    `transformers`' causal language models alike."""
+    `transformers`' causal language models alike. Low-precision logits (autocast) are promoted to fp32 for the
+    softmax; fp64 stays fp64."""
     logits = model(x).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()

@@ -293,3 +293,10 @@ def test_resume_arguments_are_checked(tmp_path):
         load_checkpoint(tmp_path / "c.pt", model, optimizer)
     with pytest.raises(ValueError, match="state must come from RandomBatches"):
         random_batches(TOKENS, 2, 8).load_state_dict({"position": 3})
+
+
+def test_the_loss_keeps_float64_and_promotes_low_precision_logits():
+    x, y = next(random_batches(TOKENS, 2, 8, seed=3))
+    assert lm_loss(tiny_model().double(), x, y).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lm_loss(tiny_model(), x, y).dtype == torch.float32

@@ -1,0 +1,79 @@
+"""Measuring memory and compute, so every formula of chapters 07, 08 and 12 is checked against the real thing.
+
+Three instruments, each counting something different:
+- `storage_bytes`: the bytes behind a set of tensors, each storage counted once (a view or a tied weight
+  shares its storage; "bytes per rank" in the distributed chapters means exactly this).
+- `saved_activation_bytes`: what autograd keeps from the forward pass for the backward pass, seen through
+  `torch.autograd.graph.saved_tensors_hooks` (parameters excluded: they are stored anyway).
+- `net_allocated_bytes`: what the profiler saw allocated and not freed while a function ran. tracemalloc cannot
+  see tensor memory and a process's RSS only grows, so on a CPU this is the honest "memory held afterwards".
+And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+T = TypeVar("T")
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
+    storages = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors must be torch.Tensors, got {type(t).__name__}")
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return storages
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`: views and shared (tied) tensors are counted once."""
+    return sum(_storages(tensors).values())
+
+
+def saved_activation_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, int]:
+    """Run fn() and return (its result, the distinct bytes autograd saved for backward while it ran). Pass the
+    model's parameters as `exclude`: a Linear saves its weight too, but that memory is the parameters'."""
+    excluded = set(_storages(exclude))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(saved.values())
+
+
+def net_allocated_bytes(fn: Callable[[], T]) -> tuple[T, int]:
+    """Run fn() under torch.profiler(profile_memory=True) and return (its result, bytes allocated minus bytes
+    freed meanwhile): for a forward pass whose result is kept, the activations it left for backward."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, int(sum(event.self_cpu_memory_usage for event in prof.events()))
+
+
+def matmul_flops_per_s(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The best FLOP rate of a (size x size) @ (size x size) matmul over `repeats` runs (2·size³ FLOPs each):
+    what this machine can do at best, the denominator of model FLOPs utilisation."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm up: first-call costs are not the machine's speed
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
