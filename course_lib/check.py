@@ -72,9 +72,9 @@ def _compare(measured: Any, expected: Any, rtol: float, atol: float) -> tuple[bo
         return False, float("inf")
     if m.size == 0:
         return True, 0.0
-    diff = np.abs(m - e)
-    both_nan = np.isnan(m) & np.isnan(e)
-    diff = np.where(both_nan, 0.0, diff)
+    same = (m == e) | (np.isnan(m) & np.isnan(e))  # equal infinities and NaN in the same place agree exactly
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(m - e))
     close = np.isclose(m, e, rtol=rtol, atol=atol, equal_nan=True)
     return bool(close.all()), float(np.nan_to_num(diff, nan=np.inf).max())
 
@@ -92,9 +92,8 @@ def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, ne
     verb = "refuted" if negated else "claim"
     tolerance = f"rtol={rtol:g}, atol={atol:g}"
     error = "" if max_abs_error is None else f", max |measured - expected| = {max_abs_error:.3g}"
-    shape_note = ""
-    if max_abs_error == float("inf"):
-        shape_note = " (shapes differ)"
+    m, e = _as_array(measured), _as_array(expected)
+    shape_note = " (shapes differ)" if m is not None and e is not None and m.shape != e.shape else ""
     line = (
         f"{mark} {verb}: {name}\n"
         f"    measured {_show(measured)}{shape_note}\n"

@@ -81,3 +81,11 @@ def test_bool_claims_print_readably(capsys):
     claim("mask positions", torch.ones(4, 5, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool))
     out = capsys.readouterr().out
     assert "measured True" in out and "bool array of shape (4, 5) with 20 True" in out
+
+
+def test_equal_infinities_agree_and_opposite_ones_do_not(capsys):
+    claim("overflow gives inf", float("inf"), float("inf"))
+    printed = capsys.readouterr().out
+    assert "max |measured - expected| = 0" in printed and "shapes differ" not in printed
+    with pytest.raises(AssertionError, match="differ beyond the tolerance"):
+        claim("signs of infinity", [float("inf")], [float("-inf")])
