@@ -9,7 +9,9 @@ import torch
 
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.masks import IGNORE_INDEX, causal_mask, mlm_mask, token_mask_from_lengths
-from course_lib.widgets import AttentionHeatmap, MaskExplorer
+from course_lib.memory import RECIPES, Parallelism, per_device_memory
+from course_lib.widgets import AttentionHeatmap, MaskExplorer, MemoryCalculator
+from course_lib.widgets.memory_calculator import PRESETS
 from course_lib.widgets.render import figure_to_png, html_table
 
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -288,3 +290,67 @@ def test_encoder_attention_reads_a_real_pretrained_encoder():
     sdpa = AutoModel.from_pretrained(minilm_dir())
     with pytest.raises(ValueError, match='attn_implementation="eager"'):
         encoder_attention(sdpa, tokenizer)("the cat")
+
+
+# The memory calculator
+
+
+def calculator_gb(calculator) -> list[float]:
+    return shown_numbers(calculator.table.value, "course-memory-gb").flatten().tolist()
+
+
+def expected_gb(shape, batch, seq, recipe="mixed", optimizer="adam", checkpointing=False, parallel=None,
+                inference=False) -> list[float]:  # fmt: skip
+    memory = per_device_memory(shape, batch, seq, RECIPES[recipe], optimizer, checkpointing,
+                               parallel or Parallelism(), inference)  # fmt: skip
+    return [round(v / 1e9, 3) for v in (*memory.as_dict().values(), memory.total)]
+
+
+def test_memory_calculator_default_shows_the_first_model_unsharded():
+    calculator = MemoryCalculator()
+    assert isinstance(calculator, widgets.VBox) and calculator.image.value.tobytes().startswith(PNG_MAGIC)
+    gpt2 = PRESETS["GPT-2 small (124M)"]
+    assert calculator_gb(calculator) == expected_gb(gpt2, 1, 1024)
+    # 124,439,808 parameters x 16 bytes (2 + 2 + 12) = 1.99 GB of states: fits an 80 GB GPU
+    assert calculator_gb(calculator)[:3] == [0.249, 0.249, 1.493]
+    assert "fits in 80 GB" in calculator.verdict.value
+
+
+def test_memory_calculator_controls_drive_the_numbers():
+    calculator = MemoryCalculator()
+    calculator.model.value = "LLaMA-2 7B"
+    llama = PRESETS["LLaMA-2 7B"]
+    assert calculator.seq.max == 4096
+    calculator.seq.value, calculator.batch.value = 4096, 2
+    calculator.precision.value, calculator.optimizer.value = "fp32", "sgd_momentum"
+    calculator.checkpointing.value = True
+    calculator.zero.value, calculator.dp.value, calculator.tp.value, calculator.pp.value = 2, 8, 2, 4
+    parallel = Parallelism(dp=8, tp=2, pp=4, zero_stage=2)
+    assert calculator_gb(calculator) == expected_gb(llama, 2, 4096, "fp32", "sgd_momentum", True, parallel)
+    calculator.inference.value = True
+    assert calculator_gb(calculator) == expected_gb(llama, 2, 4096, "fp32", inference=True, parallel=parallel)
+    calculator.model.value = "GPT-2 small (124M)"  # a shorter context: the sequence follows
+    assert calculator.seq.value == 1024 and calculator.seq.max == 1024
+
+
+def test_memory_calculator_says_when_it_does_not_fit_and_when_settings_are_impossible():
+    calculator = MemoryCalculator(model="GPT-3 175B", gpu_gb=80)
+    assert "does not fit in 80 GB" in calculator.verdict.value  # 175 B x 16 bytes = 2.8 TB on one GPU
+    calculator.tp.value = 5
+    assert "tp=5 must divide n_head=96" in calculator.verdict.value and calculator.table.value == ""
+    calculator.tp.value = 8
+    assert calculator_gb(calculator) == expected_gb(PRESETS["GPT-3 175B"], 1, 1024, parallel=Parallelism(tp=8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"model": "GPT-5"}, ValueError, "model must be one of"),
+        ({"precision": "fp8"}, ValueError, "precision must be one of"),
+        ({"gpu_gb": 12}, ValueError, "gpu_gb must be one of"),
+        ({"presets": {"x": "not a shape"}}, TypeError, "presets must map names"),
+    ],
+)
+def test_memory_calculator_bad_inputs(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        MemoryCalculator(**kwargs)
