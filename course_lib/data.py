@@ -11,6 +11,7 @@ The split is by work, fixed and documented: in file-name order, every tenth work
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -21,7 +22,8 @@ import torch
 from course_lib.assets import package_dir
 
 VALIDATION_EVERY = 10
-CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache"  # ignored by git
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+CACHE_DIR = DATA_DIR / "cache"  # ignored by git
 _BYLINE = re.compile(r"^by William Shakespeare\s*$", re.M)
 _PERSONS = re.compile(r"^\s*(persons represented|dramatis person)", re.I | re.M)
 _BODY_START = re.compile(r"^(ACT\b|Act\b|(THE )?(PROLOGUE|Prologue|INDUCTION|Induction)\.?\s*$)", re.M)
@@ -152,3 +154,9 @@ def cache_path(name: str) -> Path:
         raise ValueError(f"name must be a plain file name, got {name!r}")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     return CACHE_DIR / name
+
+
+def published_figures() -> dict:
+    """data/published_figures.json: model sizes and training figures from papers, each with its source, that
+    chapters compare their formulas with."""
+    return json.loads((DATA_DIR / "published_figures.json").read_text())

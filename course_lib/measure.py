@@ -12,8 +12,11 @@ And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -54,11 +57,32 @@ def saved_activation_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] 
     return result, sum(saved.values())
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (where the profiler's C++ side logs "profiler_start"/"profiler_stop" lines
+    that a notebook would show) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def net_allocated_bytes(fn: Callable[[], T]) -> tuple[T, int]:
     """Run fn() under torch.profiler(profile_memory=True) and return (its result, bytes allocated minus bytes
     freed meanwhile): for a forward pass whose result is kept, the activations it left for backward."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     return result, int(sum(event.self_cpu_memory_usage for event in prof.events()))
 
 

@@ -209,10 +209,13 @@ def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, bytes_per_element: i
 
 def training_flops_per_token(shape: ModelShape, seq: int, checkpointing: bool = False) -> int:
     """Matmul FLOPs to train on one token at context `seq`: forward 2N + attention 4·L·T·d (QKᵀ and the weighted
-    sum over all T keys), backward twice the forward, and with checkpointing the forward once more (6N → 8N)."""
+    sum over all T keys), backward twice the forward (6N in all). Activation checkpointing runs the blocks'
+    forward once more, which makes it about 8N (the LM head is not recomputed)."""
     _positive_int("seq", seq)
-    forward = 2 * shape.matmul_params + 4 * shape.n_layer * seq * shape.d_model
-    return (4 if checkpointing else 3) * forward
+    attention = 4 * shape.n_layer * seq * shape.d_model
+    forward = 2 * shape.matmul_params + attention
+    recompute = 2 * (shape.matmul_params - shape.vocab_size * shape.d_model) + attention if checkpointing else 0
+    return 3 * forward + recompute
 
 
 def matmul_intensity(m: int, k: int, n: int, bytes_per_element: int = 2) -> float:

@@ -36,9 +36,11 @@ from course_lib.assets import minilm_dir
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.data import cache_path
 from course_lib.masks import causal_padding_mask, token_mask_from_lengths
+from course_lib.memory import RECIPES, Parallelism, per_device_memory
 from course_lib.model import GPT, next_token_probs
 from course_lib.tokenizer import CharTokenizer
 from course_lib.widgets import encoder_attention, gpt_attention
+from course_lib.widgets.memory_calculator import PRESETS
 
 pytestmark = pytest.mark.browser
 
@@ -104,6 +106,16 @@ def chapter06_minilm_attention(shown: dict[str, float]) -> torch.Tensor:
     return weights[int(shown["layer"]), int(shown["head"]), int(shown["query"])].double()
 
 
+def chapter08_memory(shown: dict[str, float]) -> torch.Tensor:
+    """Chapter 08's memory calculator: GB per device for LLaMA-2 7B as the notebook sets it up (mixed precision,
+    Adam, checkpointing), with the sliders as shown."""
+    parallel = Parallelism(int(shown["data ∥"]), int(shown["tensor ∥"]), int(shown["pipeline ∥"]),
+                           int(shown["ZeRO stage"]))  # fmt: skip
+    memory = per_device_memory(PRESETS["LLaMA-2 7B"], int(shown["micro-batch"]), int(shown["sequence"]),
+                               RECIPES["mixed"], "adam", True, parallel)  # fmt: skip
+    return torch.tensor([round(v / 1e9, 3) for v in (*memory.as_dict().values(), memory.total)], dtype=torch.float64)
+
+
 CHAPTER05_SAMPLING_PROMPT = "JULIET.\nO Romeo, Romeo! wherefore art thou"
 CHAPTER05_ATTENTION_PROMPT = "ROMEO.\nBut soft, what light"
 CHAPTER06_PROMPT = "To be, or not to be, that is the question."
@@ -130,6 +142,8 @@ WIDGETS = [
                "ArrowRight", "course-model-weight", chapter05_attention),
     WidgetCase("06_bert_mlm.ipynb", "course-model-attention", "course-model-layer",
                "ArrowRight", "course-model-weight", chapter06_minilm_attention),
+    WidgetCase("08_memory_and_compute.ipynb", "course-memory-calculator", "course-memory-zero",
+               "ArrowRight", "course-memory-gb", chapter08_memory),
 ]  # fmt: skip
 NOTEBOOKS = sorted({case.notebook for case in WIDGETS})
 

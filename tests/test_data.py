@@ -7,6 +7,7 @@ from course_lib.data import (
     clean_work,
     eval_batches,
     get_batch,
+    published_figures,
     random_batches,
     shakespeare_corpus,
     shakespeare_works,
@@ -99,3 +100,10 @@ def test_cache_path_is_under_data_cache_and_checks_the_name():
     for bad in ("", "../x", ".hidden", 3):
         with pytest.raises(ValueError, match="name must be a plain file name"):
             cache_path(bad)
+
+
+def test_published_figures_each_keep_their_source():
+    figures = published_figures()
+    entries = [*figures["models"].values(), figures["zero_figure_1"], figures["a100_bf16_dense_flops"]]
+    assert all(isinstance(e.get("source"), str) and len(e["source"]) > 20 for e in entries)
+    assert {"GPT-2 small", "LLaMA-2 7B", "LLaMA-2 70B", "GPT-3 175B"} <= figures["models"].keys()

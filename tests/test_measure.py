@@ -54,3 +54,8 @@ def test_matmul_peak_is_a_positive_rate_and_arguments_are_checked():
         matmul_flops_per_s(size=0)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         matmul_flops_per_s(repeats=0)
+
+
+def test_the_profiler_logs_nothing_into_the_output(capfd):
+    net_allocated_bytes(lambda: torch.ones(4))
+    assert "profiler_st" not in capfd.readouterr().err
