@@ -69,6 +69,7 @@ test: setup lint browser-deps
 bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
 	$(BIN)/python benchmarks/train_gpt.py
+	$(BIN)/python benchmarks/precision_and_checkpointing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
