@@ -51,8 +51,9 @@ def main() -> None:
     tokenizer = CharTokenizer.from_text(corpus.train, unknown="\N{REPLACEMENT CHARACTER}")
     data = torch.tensor(tokenizer.encode(corpus.train), dtype=torch.uint8)
     print(f"chapter-05 model ({CHAPTER05.n_layer} layers, width {CHAPTER05.n_embd}), batch {args.batch} x "
-          f"{CHAPTER05.block_size} tokens, {args.steps} steps each, torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'precision':9} {'checkpointing':>13} {'tokens/s':>9} {'activations':>12} {'vs fp32':>8} {'final loss':>10}")
+          f"{CHAPTER05.block_size} tokens, {args.steps} steps each, {torch.get_num_threads()} torch threads")
+    header = ("precision", "checkpointing", "tokens/s", "activations", "vs fp32", "final loss")
+    print("{:9} {:>13} {:>9} {:>12} {:>8} {:>10}".format(*header))
     baseline = None
     for precision in ("fp32", "bf16", "fp16"):
         for checkpointing in (False, True):
