@@ -1,0 +1,72 @@
+"""What every distributed entry point shares: joining the process group, writing results, leaving cleanly.
+
+- `init` joins with the backend `course_lib.device` picks (gloo on CPU, NCCL on GPUs) and a short timeout, so a
+  rank whose peer died fails in seconds instead of gloo's default 30 minutes.
+- `save_result` writes `rank{r}.json` (and `save_tensors` a `.pt`) into the folder the launcher gives.
+- `finish` ends the run in the order that avoids DDP's abort at exit ("terminate called without an active
+  exception"): collect garbage (the caller has dropped its model and optimizer), wait for every rank, then
+  destroy the process group.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from course_lib.device import pick_backend, pick_device
+from course_lib.launch import RESULT_DIR_ENV
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def init(timeout_s: float = 60.0) -> Rank:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)."""
+    if "RANK" not in os.environ:
+        raise RuntimeError("not started by torchrun: use `torchrun --nproc-per-node N -m <module>` or launch()")
+    device = pick_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(pick_backend(device), timeout=timedelta(seconds=timeout_s))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return Rank(dist.get_rank(), dist.get_world_size(), device)
+
+
+def result_dir() -> Path:
+    if RESULT_DIR_ENV not in os.environ:
+        raise RuntimeError(f"{RESULT_DIR_ENV} is not set: start the entry point with course_lib.launch.launch")
+    return Path(os.environ[RESULT_DIR_ENV])
+
+
+def save_result(result: dict) -> None:
+    """This rank's results as rank{r}.json, written whole or not at all (the launcher reads them after exit)."""
+    path = result_dir() / f"rank{dist.get_rank()}.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    partial.replace(path)
+
+
+def save_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Tensors too big for JSON (weights to compare), saved as rank{r}-{name}.pt; returns the path to report."""
+    path = result_dir() / f"rank{dist.get_rank()}-{name}.pt"
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, path)
+    return str(path)
+
+
+def finish() -> None:
+    """Leave the process group without the exit-time abort. Drop models and optimizers before calling."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

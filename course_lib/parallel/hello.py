@@ -1,0 +1,40 @@
+"""The smallest distributed program: every rank joins the group, says who it is, and all-reduces its rank.
+
+Also the launcher's test subject: `--fail-rank R` makes rank R raise, `--hang-rank R` makes it sleep forever
+(as a deadlocked rank would), so the tests can check that a failure or a hang ends the whole run cleanly.
+Run: torchrun --nproc-per-node N -m course_lib.parallel.hello
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from course_lib.parallel.common import finish, init, save_result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fail-rank", type=int, default=None, help="this rank raises an error")
+    parser.add_argument("--hang-rank", type=int, default=None, help="this rank never finishes")
+    args = parser.parse_args()
+    me = init()
+    print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}, pid {os.getpid()}")
+    if me.rank == args.fail_rank:
+        raise RuntimeError(f"rank {me.rank} was told to fail")
+    if me.rank == args.hang_rank:
+        while True:
+            time.sleep(1)
+    total = torch.tensor([float(me.rank)], device=me.device)
+    dist.all_reduce(total)
+    save_result({"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
+                 "sum_of_ranks": total.item()})  # fmt: skip
+    finish()
+
+
+if __name__ == "__main__":
+    main()

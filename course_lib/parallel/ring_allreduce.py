@@ -1,0 +1,93 @@
+"""Ring all-reduce written with point-to-point send/recv, counting the bytes each rank sends.
+
+The tensor is cut into N chunks. Reduce-scatter: N-1 steps, each rank sends one chunk to its right neighbour
+and adds the chunk arriving from its left; afterwards rank r holds the full sum of chunk (r+1) mod N. All-
+gather: N-1 more steps pass the finished chunks around the ring. Each rank sends 2(N-1) chunks of size/N: the
+bandwidth term 2(N-1)/N · size, whatever N.
+
+Run: torchrun --nproc-per-node N -m course_lib.parallel.ring_allreduce --sizes 1024 65536 [--no-allgather]
+Each rank's tensor is torch.randn(size) from the seed 1000 + rank, so a single process can compute the sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from course_lib.parallel.common import finish, init, save_result
+
+
+def rank_tensor(rank: int, size: int) -> torch.Tensor:
+    """The tensor rank `rank` contributes: reproducible anywhere from its rank."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(1000 + rank), dtype=torch.float32)
+
+
+def ring_allreduce(x: torch.Tensor, allgather: bool = True) -> int:
+    """Sum x over all ranks in place, around the ring; returns the bytes this rank sent."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    right, left = (rank + 1) % world, (rank - 1) % world
+    chunks = list(x.chunk(world))  # views: writing into them writes into x
+    sent = 0
+
+    def exchange(send_index: int, recv_index: int) -> torch.Tensor:
+        nonlocal sent
+        incoming = torch.empty_like(chunks[recv_index])
+        request = dist.isend(chunks[send_index].contiguous(), right)
+        dist.recv(incoming, left)
+        request.wait()
+        sent += chunks[send_index].numel() * chunks[send_index].element_size()
+        return incoming
+
+    for step in range(world - 1):  # reduce-scatter
+        send_index, recv_index = (rank - step) % world, (rank - step - 1) % world
+        chunks[recv_index] += exchange(send_index, recv_index)
+    if allgather:
+        for step in range(world - 1):  # all-gather: pass the finished chunks on
+            send_index, recv_index = (rank - step + 1) % world, (rank - step) % world
+            chunks[recv_index].copy_(exchange(send_index, recv_index))
+    return sent
+
+
+def timed(fn, repeats: int) -> float:
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024], help="tensor sizes in float32 elements")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per size (median reported)")
+    parser.add_argument("--no-allgather", action="store_true", help="stop after reduce-scatter (a wrong all-reduce)")
+    args = parser.parse_args()
+    me = init()
+    result = {"world": me.world, "sizes": args.sizes, "bytes_sent": [], "max_error_vs_all_reduce": [],
+              "ring_s": [], "all_reduce_s": [], "first_result": None}  # fmt: skip
+    for size in args.sizes:
+        x = rank_tensor(me.rank, size)
+        reference = x.clone()
+        dist.all_reduce(reference)  # the library's all-reduce, to compare with
+        ring = x.clone()
+        result["bytes_sent"].append(ring_allreduce(ring, allgather=not args.no_allgather))
+        result["max_error_vs_all_reduce"].append((ring - reference).abs().max().item())
+        if result["first_result"] is None:
+            result["first_result"] = ring.tolist()
+        result["ring_s"].append(timed(lambda x=x: ring_allreduce(x.clone()), args.repeats))
+        result["all_reduce_s"].append(timed(lambda x=x: dist.all_reduce(x.clone()), args.repeats))
+        if me.rank == 0:
+            print(f"size {size:>9,}: ring {1e3 * result['ring_s'][-1]:8.3f} ms, all_reduce "
+                  f"{1e3 * result['all_reduce_s'][-1]:8.3f} ms, sent {result['bytes_sent'][-1]:,} B")  # fmt: skip
+    save_result(result)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

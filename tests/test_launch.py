@@ -1,0 +1,55 @@
+"""The launcher: results come back indexed by rank; a crash or a hang ends the run with the rank's error and
+leaves no process behind; bad arguments are refused before anything starts."""
+
+import os
+
+import psutil
+import pytest
+
+from course_lib.launch import LaunchError, launch
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_results_come_back_indexed_by_rank(capsys):
+    results = launch("course_lib.parallel.hello", nproc=2, timeout=60)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world"] == 2 and r["backend"] == "gloo" and r["sum_of_ranks"] == 1.0 for r in results)
+    printed = capsys.readouterr().out
+    assert "[rank 0] rank 0 of 2" in printed and "[rank 1] rank 1 of 2" in printed
+    assert not any(alive(r["pid"]) for r in results)
+
+
+def test_a_rank_that_raises_fails_the_run_with_its_traceback():
+    with pytest.raises(LaunchError) as error:
+        launch("course_lib.parallel.hello", ["--fail-rank", "1"], nproc=2, timeout=60, show_output=False)
+    message = str(error.value)
+    assert "rank 1 failed" in message and "RuntimeError: rank 1 was told to fail" in message
+
+
+def test_a_rank_that_hangs_is_stopped_at_the_time_limit_and_nothing_is_left(tmp_path):
+    with pytest.raises(LaunchError, match="did not finish within 8 s"):
+        launch("course_lib.parallel.hello", ["--hang-rank", "0"], nproc=2, timeout=8, result_dir=tmp_path,
+               show_output=False)  # fmt: skip
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if "--hang-rank" in (p.info["cmdline"] or [])]
+    assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"module": "course_lib.parallel.no_such_thing"}, "module must name an importable entry point"),
+        ({"module": "course_lib.parallel.hello", "nproc": 0}, "nproc must be a positive int"),
+        ({"module": "course_lib.parallel.hello", "timeout": 0}, "timeout must be a positive number"),
+        ({"module": "course_lib.parallel.hello", "threads_per_rank": 0}, "threads_per_rank must be a positive int"),
+    ],
+)
+def test_bad_arguments_are_refused_before_starting(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        launch(**kwargs)
