@@ -59,8 +59,6 @@ def saved_activation_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] 
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (where the profiler's C++ side logs "profiler_start"/"profiler_stop" lines
-    that a notebook would show) for the duration of the block."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -72,17 +70,25 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def net_allocated_bytes(fn: Callable[[], T]) -> tuple[T, int]:
-    """Run fn() under torch.profiler(profile_memory=True) and return (its result, bytes allocated minus bytes
-    freed meanwhile): for a forward pass whose result is kept, the activations it left for backward."""
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+@contextlib.contextmanager
+def quiet_profile(**kwargs) -> Iterator[profile]:
+    """torch.profiler.profile(activities=[CPU], **kwargs) whose C++ side does not log "profiler_start" and
+    "profiler_stop" lines into the output (file descriptor 2 is silenced while it starts and stops)."""
+    prof = profile(activities=[ProfilerActivity.CPU], **kwargs)
     with _quiet_stderr():
         prof.start()
     try:
-        result = fn()
+        yield prof
     finally:
         with _quiet_stderr():
             prof.stop()
+
+
+def net_allocated_bytes(fn: Callable[[], T]) -> tuple[T, int]:
+    """Run fn() under torch.profiler(profile_memory=True) and return (its result, bytes allocated minus bytes
+    freed meanwhile): for a forward pass whose result is kept, the activations it left for backward."""
+    with quiet_profile(profile_memory=True) as prof:
+        result = fn()
     return result, int(sum(event.self_cpu_memory_usage for event in prof.events()))
 
 

@@ -1,8 +1,10 @@
 """Each distributed entry point, run for real as 2 gloo processes, equals the single-process computation."""
 
+import pytest
 import torch
 
 from course_lib.launch import launch
+from course_lib.parallel import ddp
 from course_lib.parallel.ring_allreduce import rank_tensor
 
 
@@ -26,3 +28,38 @@ def test_reduce_scatter_alone_is_not_an_all_reduce():
         finished = (rank + 1) % 2  # after reduce-scatter rank r holds the sum of chunk r+1 only
         assert torch.equal(got.chunk(2)[finished], expected.chunk(2)[finished])
         assert not torch.equal(got, expected)
+
+
+def ddp_weights(extra, tmp_path):
+    results = launch("course_lib.parallel.ddp", ["--steps", "4", "--dtype", "float64", *extra], nproc=2,
+                     result_dir=tmp_path, show_output=False)  # fmt: skip
+    return results, [torch.load(r["weights"]) for r in results]
+
+
+def test_ddp_on_two_ranks_trains_to_the_single_process_weights(tmp_path):
+    results, (rank0, rank1) = ddp_weights(["--bucket-mb", "0.1", "--profile"], tmp_path)
+    reference, losses = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"]))
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(rank0[name], expected, atol=1e-10, rtol=0)
+        assert torch.equal(rank0[name], rank1[name])
+    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["local_loss"], results[1]["local_loss"], strict=True)]
+    torch.testing.assert_close(torch.tensor(mean_loss), torch.tensor(losses), atol=1e-12, rtol=0)
+    all_reduces = [e for e in results[0]["trace"] if e["kind"] == "all_reduce"]
+    assert results[0]["buckets"] > 1 and len(all_reduces) == results[0]["buckets"]
+
+
+def test_without_the_all_reduce_the_ranks_drift_apart(tmp_path):
+    _, (rank0, rank1) = ddp_weights(["--no-sync"], tmp_path)
+    assert any(not torch.allclose(rank0[name], rank1[name], atol=1e-6) for name in rank0)
+
+
+def test_the_sampler_deals_each_global_batch_to_the_ranks():
+    args = ddp.parser().parse_args(["--steps", "3", "--batch", "4"])
+    x, y, _ = ddp.dataset(args)
+    whole = list(ddp.shard_batches(x, y, args, 0, 1))
+    shards = [list(ddp.shard_batches(x, y, args, rank, 2)) for rank in range(2)]
+    for step, (bx, _) in enumerate(whole):
+        together = torch.cat([shards[0][step][0], shards[1][step][0]])
+        assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, bx.tolist()))
+    with pytest.raises(ValueError, match="--batch 4 must be divisible by the number of ranks 3"):
+        next(ddp.shard_batches(x, y, args, 0, 3))
