@@ -12,7 +12,6 @@ Each rank's tensor is torch.randn(size) from the seed 1000 + rank, so a single p
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -53,19 +52,20 @@ def ring_allreduce(x: torch.Tensor, allgather: bool = True) -> int:
 
 
 def timed(fn, repeats: int) -> float:
-    dist.barrier()
+    """The best of `repeats` runs, each started together on all ranks: the least disturbed by other work."""
     times = []
     for _ in range(repeats):
+        dist.barrier()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024], help="tensor sizes in float32 elements")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per size (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per size (best reported)")
     parser.add_argument("--no-allgather", action="store_true", help="stop after reduce-scatter (a wrong all-reduce)")
     args = parser.parse_args()
     me = init()
