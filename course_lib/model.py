@@ -106,8 +106,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d_head)
+        # H from the width, not the config: under tensor parallelism a rank holds only its share of the heads
         b, t, _ = x.shape
-        return x.view(b, t, self.config.n_head, self.config.head_size).transpose(1, 2)
+        return x.view(b, t, -1, self.config.head_size).transpose(1, 2)
 
     def forward(
         self,
@@ -118,7 +119,7 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """Returns the output, this layer's keys and values including `past` (the KV cache), and the
         attention weights (B, H, T, T_past + T) when asked for."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -133,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             dropout = self.config.dropout if self.training else 0.0
             mask = None if n_past == 0 else causal_mask(t, x.device, n_past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_past == 0, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(b, t, d)
+        out = out.transpose(1, 2).reshape(b, t, -1)
         return self.resid_dropout(self.out_proj(out)), (k, v), weights
 
 
