@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from course_lib.launch import launch
-from course_lib.parallel import ddp
+from course_lib.parallel import ddp, tensor_parallel
 from course_lib.parallel.ring_allreduce import rank_tensor
 
 
@@ -63,3 +63,36 @@ def test_the_sampler_deals_each_global_batch_to_the_ranks():
         assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, bx.tolist()))
     with pytest.raises(ValueError, match="--batch 4 must be divisible by the number of ranks 3"):
         next(ddp.shard_batches(x, y, args, 0, 3))
+
+
+def tensor_parallel_run(extra, tmp_path):
+    results = launch("course_lib.parallel.tensor_parallel", extra, nproc=2, result_dir=tmp_path, show_output=False)
+    return results, [torch.load(r["tensors"]) for r in results]
+
+
+@pytest.mark.parametrize("mode", ["explicit", "dtensor"])
+def test_tensor_parallel_mlp_and_attention_equal_the_unsplit_block(mode, tmp_path):
+    results, shards = tensor_parallel_run(["--mode", mode], tmp_path)
+    expected = tensor_parallel.reference_gradients(tensor_parallel.parser().parse_args([]))
+    for name in ("mlp", "attn"):
+        for rank in range(2):
+            torch.testing.assert_close(shards[rank][f"{name}.out"], expected[f"{name}.out"], atol=1e-12, rtol=0)
+            torch.testing.assert_close(shards[rank][f"{name}.x_grad"], expected[f"{name}.x_grad"], atol=1e-12, rtol=0)
+    # column-parallel weights are split by output rows, row-parallel ones by input columns
+    joined = torch.cat([shards[0]["mlp.fc.weight.grad"], shards[1]["mlp.fc.weight.grad"]], dim=0)
+    torch.testing.assert_close(joined, expected["mlp.fc.weight.grad"], atol=1e-12, rtol=0)
+    joined = torch.cat([shards[0]["mlp.proj.weight.grad"], shards[1]["mlp.proj.weight.grad"]], dim=1)
+    torch.testing.assert_close(joined, expected["mlp.proj.weight.grad"], atol=1e-12, rtol=0)
+    if mode == "explicit":
+        one_activation = 2 * 8 * 32 * 8  # batch x seq x width x 8 bytes
+        assert results[0]["mlp"]["all_reduces"] == [{"where": "forward", "bytes": one_activation},
+                                                    {"where": "backward", "bytes": one_activation}]  # fmt: skip
+    else:
+        assert results[0]["mlp"]["total_comms"] == {"c10d_functional.all_reduce": 2}
+        assert results[0]["attn"]["total_comms"] == {"c10d_functional.all_reduce": 4}  # q, k, v each in backward
+
+
+def test_tensor_parallel_with_the_wrong_shard_is_wrong(tmp_path):
+    _, shards = tensor_parallel_run(["--wrong-shard"], tmp_path)
+    expected = tensor_parallel.reference_gradients(tensor_parallel.parser().parse_args([]))
+    assert not torch.allclose(shards[0]["mlp.out"], expected["mlp.out"], atol=1e-6)

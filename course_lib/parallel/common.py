@@ -61,7 +61,11 @@ def save_result(result: dict) -> None:
 def save_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
     """Tensors too big for JSON (weights to compare), saved as rank{r}-{name}.pt; returns the path to report."""
     path = result_dir() / f"rank{dist.get_rank()}-{name}.pt"
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, path)
+    plain = {}
+    for key, value in tensors.items():
+        value = value.detach().cpu()
+        plain[key] = value.wait() if hasattr(value, "wait") else value  # a collective's output: wait for the data
+    torch.save(plain, path)
     return str(path)
 
 

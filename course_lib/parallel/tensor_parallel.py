@@ -1,0 +1,198 @@
+"""Tensor parallelism (Megatron-LM): one GPT block's MLP and attention split across ranks, first with explicit
+collectives, then with torch.distributed.tensor.parallel on a DeviceMesh.
+
+The MLP's first layer is split by output columns (each rank computes d_ff/N hidden units from the whole input),
+its second by input rows (each rank multiplies its hidden units by its rows and gets a partial sum); one all-reduce
+adds the partial sums. Attention is split by heads: q, k, v column-parallel (a rank owns H/N whole heads),
+out_proj row-parallel, again one all-reduce. Backward mirrors it: one all-reduce of the input's gradient per
+module. Two autograd functions carry the collectives (Megatron's f and g); a counter records each all-reduce.
+
+Run: torchrun --nproc-per-node 2 -m course_lib.parallel.tensor_parallel [--mode dtensor] [--wrong-shard]
+`reference(args)` computes the same block on one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.device import seed_everything
+from course_lib.model import Block, GPTConfig
+from course_lib.parallel.common import finish, init, save_result, save_tensors
+
+COMMUNICATION: list[dict] = []  # every all-reduce of the explicit version: where, and how many bytes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("explicit", "dtensor"), default="explicit")
+    p.add_argument("--wrong-shard", action="store_true", help="explicit mode: each rank takes its neighbour's rows")
+    return p
+
+
+def reference(args: argparse.Namespace) -> tuple[Block, torch.Tensor, torch.Tensor]:
+    """The unsplit block (float64), the input and the probe that turns an output into a scalar loss."""
+    seed_everything(args.seed)
+    config = GPTConfig(vocab_size=2, block_size=args.seq, n_layer=1, n_head=args.heads, n_embd=args.width)
+    block = Block(config).double()
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, args.seq, args.width, generator=generator, dtype=torch.float64)
+    probe = torch.randn(args.batch, args.seq, args.width, generator=generator, dtype=torch.float64)
+    return block, x, probe
+
+
+def reference_gradients(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """On one process: each module's output, the input's gradient and every weight's gradient for the loss
+    (output · probe).sum(), under the names the parallel runs save ("mlp.out", "attn.q_proj.weight.grad", ...)."""
+    block, x, probe = reference(args)
+    found = {}
+    for name in ("mlp", "attn"):
+        xin = x.clone().requires_grad_()
+        module = getattr(block, name)
+        out = module(xin)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * probe).sum().backward()
+        found[f"{name}.out"], found[f"{name}.x_grad"] = out.detach(), xin.grad
+        found |= {f"{name}.{p}.grad": param.grad for p, param in module.named_parameters()}
+    return found
+
+
+def _all_reduce(t: torch.Tensor, where: str) -> torch.Tensor:
+    COMMUNICATION.append({"where": where, "bytes": t.numel() * t.element_size()})
+    dist.all_reduce(t)
+    return t
+
+
+class CopyToParallel(torch.autograd.Function):
+    """Megatron's f: the input enters every rank's shard unchanged; backward sums the ranks' input gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(grad.contiguous(), "backward")
+
+
+class ReduceFromParallel(torch.autograd.Function):
+    """Megatron's g: the partial outputs of the row-parallel layer are summed; backward passes the gradient on."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(x.clone(), "forward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def shard(full: nn.Linear, dim: int, rank: int, world: int) -> nn.Linear:
+    """This rank's slice of a Linear: dim 0 = output columns (column-parallel), dim 1 = input rows (row-parallel,
+    bias left out: it is added once, after the sum)."""
+    weight = full.weight.detach().chunk(world, dim=dim)[rank]
+    part = nn.Linear(weight.shape[1], weight.shape[0], bias=dim == 0 and full.bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(weight)
+        if part.bias is not None:
+            part.bias.copy_(full.bias.detach().chunk(world)[rank])
+    return part
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, mlp: nn.Module, rank: int, world: int, source_rank: int | None = None) -> None:
+        super().__init__()
+        self.fc = shard(mlp.fc, 0, rank, world)
+        self.proj = shard(mlp.proj, 1, rank if source_rank is None else source_rank, world)
+        self.proj_bias = mlp.proj.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.fc(CopyToParallel.apply(x)), approximate="tanh")  # d_ff / N hidden units
+        return ReduceFromParallel.apply(self.proj(hidden)) + self.proj_bias  # partial sums added over ranks
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, attn: nn.Module, rank: int, world: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (shard(getattr(attn, f"{n}_proj"), 0, rank, world) for n in "qkv")
+        self.out = shard(attn.out_proj, 1, rank, world)
+        self.out_bias, self.head_size = attn.out_proj.bias, attn.config.head_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        x = CopyToParallel.apply(x)
+        q, k, v = (p(x).view(b, t, -1, self.head_size).transpose(1, 2) for p in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # this rank's heads, nothing shared
+        return ReduceFromParallel.apply(self.out(out.transpose(1, 2).reshape(b, t, -1))) + self.out_bias
+
+
+def run_explicit(args, block: Block, x: torch.Tensor, probe: torch.Tensor, rank: int, world: int) -> dict:
+    wrong = (rank + 1) % world if args.wrong_shard else None
+    modules = {"mlp": ParallelMLP(block.mlp, rank, world, wrong), "attn": ParallelAttention(block.attn, rank, world)}
+    result, tensors = {}, {}
+    for name, module in modules.items():
+        COMMUNICATION.clear()
+        xin = x.clone().requires_grad_()
+        out = module(xin)
+        (out * probe).sum().backward()
+        result[name] = {"all_reduces": list(COMMUNICATION)}
+        tensors[f"{name}.out"], tensors[f"{name}.x_grad"] = out.detach(), xin.grad
+        for pname, p in module.named_parameters():
+            if p.grad is not None and not pname.endswith("_bias"):
+                tensors[f"{name}.{pname}.grad"] = p.grad
+    return result | {"tensors": save_tensors("explicit", tensors)}
+
+
+def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    plans = {"mlp": {"fc": ColwiseParallel(), "proj": RowwiseParallel()},
+             "attn": {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
+                      "out_proj": RowwiseParallel()}}  # fmt: skip
+    result, tensors = {}, {}
+    for name, plan in plans.items():
+        module = parallelize_module(getattr(block, name), mesh, plan)
+        xin = x.clone().requires_grad_()
+        with CommDebugMode() as comms:
+            out = module(xin)
+            out = out[0] if isinstance(out, tuple) else out  # attention also returns its keys and values
+            forward_counts = {str(k): v for k, v in comms.get_comm_counts().items()}
+            (out * probe).sum().backward()
+        result[name] = {"forward_comms": forward_counts,
+                        "total_comms": {str(k): v for k, v in comms.get_comm_counts().items()}}  # fmt: skip
+        tensors[f"{name}.out"], tensors[f"{name}.x_grad"] = out.detach(), xin.grad
+        for pname, p in module.named_parameters():
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            tensors[f"{name}.{pname}.grad"] = grad
+    return result | {"tensors": save_tensors("dtensor", tensors)}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    me = init()
+    if args.heads % me.world:
+        raise ValueError(f"--heads {args.heads} must be divisible by the number of ranks {me.world}")
+    block, x, probe = reference(args)
+    if args.mode == "explicit":
+        result = run_explicit(args, block, x, probe, me.rank, me.world)
+    else:
+        result = run_dtensor(block, x, probe, me.world)
+    del block
+    save_result(result | {"rank": me.rank, "world": me.world, "mode": args.mode})
+    finish()
+
+
+if __name__ == "__main__":
+    main()
