@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.device import seed_everything
+from course_lib.measure import storage_bytes
 from course_lib.model import Block, GPTConfig
 from course_lib.parallel.common import finish, init, save_result, save_tensors
 
@@ -144,7 +145,7 @@ def run_explicit(args, block: Block, x: torch.Tensor, probe: torch.Tensor, rank:
         xin = x.clone().requires_grad_()
         out = module(xin)
         (out * probe).sum().backward()
-        result[name] = {"all_reduces": list(COMMUNICATION)}
+        result[name] = {"all_reduces": list(COMMUNICATION), "param_bytes": storage_bytes(module.parameters())}
         tensors[f"{name}.out"], tensors[f"{name}.x_grad"] = out.detach(), xin.grad
         for pname, p in module.named_parameters():
             if p.grad is not None and not pname.endswith("_bias"):
