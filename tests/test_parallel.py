@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from course_lib.launch import launch
-from course_lib.parallel import ddp, tensor_parallel
+from course_lib.parallel import ddp, pipeline, tensor_parallel
 from course_lib.parallel.ring_allreduce import rank_tensor
 
 
@@ -96,3 +96,37 @@ def test_tensor_parallel_with_the_wrong_shard_is_wrong(tmp_path):
     _, shards = tensor_parallel_run(["--wrong-shard"], tmp_path)
     expected = tensor_parallel.reference_gradients(tensor_parallel.parser().parse_args([]))
     assert not torch.allclose(shards[0]["mlp.out"], expected["mlp.out"], atol=1e-6)
+
+
+def pipeline_run(extra, tmp_path):
+    results = launch("course_lib.parallel.pipeline", extra, nproc=2, result_dir=tmp_path, show_output=False)
+    weights = {}
+    for result in results:
+        weights |= torch.load(result["weights"])
+    return results, weights
+
+
+@pytest.mark.parametrize(
+    "schedule, orders, in_flight",
+    [
+        ("gpipe", [["F0", "F1", "F2", "F3", "B0", "B1", "B2", "B3"]] * 2, [4, 4]),
+        ("1f1b", [["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3"], ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]],
+         [2, 1]),
+    ],
+)  # fmt: skip
+def test_pipeline_schedules_run_in_their_order_and_train_like_the_unsplit_model(schedule, orders, in_flight, tmp_path):
+    results, weights = pipeline_run(["--schedule", schedule, "--microbatches", "4"], tmp_path)
+    args = pipeline.parser().parse_args([])
+    reference, losses = pipeline.single_process_run(args)
+    assert weights.keys() == dict(reference.named_parameters()).keys()
+    for name, expected in reference.named_parameters():
+        torch.testing.assert_close(weights[name], expected.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.tensor(results[1]["losses"]), torch.tensor(losses), atol=1e-12, rtol=0)
+    assert [[f"{e[0]}{e[1]}" for e in r["steps"][-1]["events"]] for r in results] == orders
+    assert [r["max_in_flight"] for r in results] == in_flight
+
+
+def test_a_pipeline_that_sums_micro_batch_gradients_trains_differently(tmp_path):
+    _, weights = pipeline_run(["--no-grad-scaling"], tmp_path)
+    reference, _ = pipeline.single_process_run(pipeline.parser().parse_args([]))
+    assert not torch.allclose(weights["lm_head.weight"], reference.lm_head.weight.detach(), atol=1e-6)
