@@ -130,3 +130,44 @@ def test_a_pipeline_that_sums_micro_batch_gradients_trains_differently(tmp_path)
     _, weights = pipeline_run(["--no-grad-scaling"], tmp_path)
     reference, _ = pipeline.single_process_run(pipeline.parser().parse_args([]))
     assert not torch.allclose(weights["lm_head.weight"], reference.lm_head.weight.detach(), atol=1e-6)
+
+
+def zero_run(mode, extra, tmp_path):
+    return launch("course_lib.parallel.zero", ["--mode", mode, "--steps", "4", "--dtype", "float64", *extra], nproc=2,
+                  result_dir=tmp_path, show_output=False)  # fmt: skip
+
+
+def test_fsdp_shards_every_state_trains_like_one_process_and_its_checkpoint_loads_on_one(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    results = zero_run("fsdp", ["--checkpoint"], tmp_path)
+    args = ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"])
+    reference, _ = ddp.single_process_run(args)
+    final = torch.load(results[0]["weights"])
+    for name, expected in reference.named_parameters():
+        torch.testing.assert_close(final[name], expected.detach(), atol=1e-10, rtol=0)
+    for result in results:  # rank 0's shards are the larger ones when a dimension does not split evenly
+        padded = sum(-(-p.shape[0] // 2) * p[0].numel() for p in reference.parameters())
+        assert result["held_bytes"]["parameters"] == result["held_bytes"]["gradients"] == 8 * padded
+        assert result["held_bytes"]["optimizer"] == 16 * sum(result["local_numel"]) + 4 * len(result["local_numel"])
+    fresh = ddp.build(args, reference.config.vocab_size)
+    state = fresh.state_dict()
+    dcp.load(state, checkpoint_id=results[0]["checkpoint"])  # one process, no process group: DCP reshards
+    fresh.load_state_dict(state)
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], expected, atol=1e-10, rtol=0)
+
+
+def test_zero1_keeps_optimizer_state_only_for_the_parameters_a_rank_owns(tmp_path):
+    results = zero_run("zero1", [], tmp_path)
+    assert sum(r["owned_numel"] for r in results) == results[0]["n_params"]
+    for result in results:
+        assert result["held_bytes"]["parameters"] == result["held_bytes"]["gradients"] == 8 * result["n_params"]
+        assert result["held_bytes"]["optimizer"] == 16 * result["owned_numel"] + 4 * result["owned_tensors"]
+
+
+def test_fsdp_whose_ranks_read_the_same_shard_trains_differently(tmp_path):
+    results = zero_run("fsdp", ["--same-shard"], tmp_path)
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"]))
+    final = torch.load(results[0]["weights"])
+    assert not torch.allclose(final["blocks.0.mlp.fc.weight"], reference.blocks[0].mlp.fc.weight.detach(), atol=1e-6)
