@@ -70,6 +70,7 @@ bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
 	$(BIN)/python benchmarks/train_gpt.py
 	$(BIN)/python benchmarks/precision_and_checkpointing.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

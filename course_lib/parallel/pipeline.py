@@ -150,6 +150,8 @@ def main() -> None:
     me = init()
     # the first stage's input (token ids) needs no gradient; its backward hook then fires on the output's, as meant
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        raise ValueError(f"--batch {args.batch} must split into --microbatches {args.microbatches} equal parts")
     if args.layers % me.world:
         raise ValueError(f"--layers {args.layers} must be divisible by the number of stages {me.world}")
     model = build(args)
