@@ -1,0 +1,107 @@
+"""DeepSpeed configurations, built from a few named settings and checked before DeepSpeed sees them.
+
+A DeepSpeed config is a JSON dict whose fields must agree with each other and with the launch: the global batch
+must equal micro-batch × accumulation × world size, offloading parameters needs ZeRO stage 3, fp16 and bf16
+exclude each other, and so on. DeepSpeed reports some of these late or not at all; `validate` reports each one
+by the field's name, up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOADS = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    micro_batch: int  # sequences per rank per forward pass ("train_micro_batch_size_per_gpu")
+    accumulation: int = 1  # micro-batches whose gradients add up to one step
+    world_size: int = 1  # data-parallel ranks
+    zero_stage: int = 0
+    precision: str = "fp32"
+    offload_optimizer: str = "none"  # where ZeRO keeps optimizer states: GPU ("none"), CPU memory or NVMe
+    offload_param: str = "none"  # stage 3 only: where the parameter shards live between uses
+    nvme_path: str | None = None  # the folder an NVMe offload swaps to
+    grad_clip: float | None = 1.0
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for kind in ("offload_optimizer", "offload_param"):
+            if getattr(self, kind) not in OFFLOADS:
+                raise ValueError(f"{kind} must be one of {OFFLOADS}, got {getattr(self, kind)!r}")
+
+
+def build(settings: DeepSpeedSettings) -> dict:
+    """The DeepSpeed config for these settings (validated). The optimizer is torch's AdamW ("torch_adam": no
+    compiled kernel needed); the learning rate is set by the course's training loop every step."""
+    config = {
+        "train_batch_size": settings.micro_batch * settings.accumulation * settings.world_size,
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
+        "gradient_accumulation_steps": settings.accumulation,
+        "zero_optimization": {"stage": settings.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "betas": list(settings.betas),
+                                                  "weight_decay": settings.weight_decay, "torch_adam": True}},
+        "steps_per_print": 10**9,  # the course's loop reports progress itself
+        "wall_clock_breakdown": False,
+    }  # fmt: skip
+    if settings.grad_clip is not None:
+        config["gradient_clipping"] = settings.grad_clip
+    if settings.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif settings.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic scaling
+    for kind in ("optimizer", "param"):
+        device = getattr(settings, f"offload_{kind}")
+        if device != "none":
+            swap = {"nvme_path": settings.nvme_path} if device == "nvme" and settings.nvme_path else {}
+            offload = {"device": device} | swap
+            config["zero_optimization"][f"offload_{kind}"] = offload
+    validate(config, settings.world_size)
+    return config
+
+
+def _positive_int(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key} must be a positive int, got {value!r}")
+    return value
+
+
+def validate(config: dict, world_size: int) -> None:
+    """Raise ValueError naming the first field that is missing or inconsistent."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    micro = _positive_int(config, "train_micro_batch_size_per_gpu")
+    accumulation = _positive_int(config, "gradient_accumulation_steps")
+    batch = _positive_int(config, "train_batch_size")
+    if batch != micro * accumulation * world_size:
+        raise ValueError(
+            f"train_batch_size={batch} must equal train_micro_batch_size_per_gpu × gradient_accumulation_steps × "
+            f"world size = {micro} × {accumulation} × {world_size} = {micro * accumulation * world_size}"
+        )
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for kind, lowest in (("optimizer", 1), ("param", 3)):
+        offload = zero.get(f"offload_{kind}")
+        if offload is None:
+            continue
+        if offload.get("device") not in OFFLOADS[1:]:
+            device = offload.get("device")
+            raise ValueError(f"zero_optimization.offload_{kind}.device must be 'cpu' or 'nvme', got {device!r}")
+        if stage < lowest:
+            raise ValueError(f"zero_optimization.offload_{kind} needs ZeRO stage >= {lowest}, the stage is {stage}")
+        if offload["device"] == "nvme" and not offload.get("nvme_path"):
+            raise ValueError(f"zero_optimization.offload_{kind} on nvme needs an nvme_path")
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise ValueError("fp16 and bf16 are both enabled: choose one")
+    clip = config.get("gradient_clipping", 0.0)
+    if not isinstance(clip, (int, float)) or clip < 0:
+        raise ValueError(f"gradient_clipping must be a number >= 0 (0 = off), got {clip!r}")
