@@ -24,6 +24,7 @@ class DeepSpeedSettings:
     offload_optimizer: str = "none"  # where ZeRO keeps optimizer states: GPU ("none"), CPU memory or NVMe
     offload_param: str = "none"  # stage 3 only: where the parameter shards live between uses
     nvme_path: str | None = None  # the folder an NVMe offload swaps to
+    bucket_elements: int | None = None  # ZeRO's reduce/all-gather bucket size; None = DeepSpeed's default (5e8)
     grad_clip: float | None = 1.0
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -44,7 +45,9 @@ def build(settings: DeepSpeedSettings) -> dict:
         "train_batch_size": settings.micro_batch * settings.accumulation * settings.world_size,
         "train_micro_batch_size_per_gpu": settings.micro_batch,
         "gradient_accumulation_steps": settings.accumulation,
-        "zero_optimization": {"stage": settings.zero_stage},
+        "zero_optimization": {"stage": settings.zero_stage}
+        | ({"reduce_bucket_size": settings.bucket_elements, "allgather_bucket_size": settings.bucket_elements}
+           if settings.bucket_elements else {}),
         "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "betas": list(settings.betas),
                                                   "weight_decay": settings.weight_decay, "torch_adam": True}},
         "steps_per_print": 10**9,  # the course's loop reports progress itself

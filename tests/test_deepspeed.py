@@ -8,6 +8,7 @@ from course_lib.launch import launch
 from course_lib.parallel import ddp
 
 STEPS = ["--steps", "4"]
+BUCKETS = ["--bucket-elements", "1000000"]  # DeepSpeed's default 5e8-element buckets cost seconds of page faults
 # float32 (DeepSpeed reduces no float64 gradients): the ranks add in another order than one process, and Adam
 # turns that rounding into differences of about 1e-6 (chapter 07)
 ATOL = 1e-5
@@ -27,7 +28,8 @@ def consolidated(checkpoint: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
 def test_zero_stage_on_two_ranks_trains_like_one_process(stage, launcher, reference, tmp_path):
-    results = launch("course_lib.parallel.deepspeed_train", [*STEPS, "--zero-stage", stage, "--save-checkpoint"],
+    args = [*STEPS, *BUCKETS, "--zero-stage", stage, "--save-checkpoint"]
+    results = launch("course_lib.parallel.deepspeed_train", args,
                      nproc=2, launcher=launcher, result_dir=tmp_path, timeout=300, show_output=False)  # fmt: skip
     weights = consolidated(results[0]["checkpoint"])
     for name, expected in reference.items():
@@ -38,7 +40,7 @@ def test_zero_stage_on_two_ranks_trains_like_one_process(stage, launcher, refere
 
 
 def test_ranks_reading_the_same_shard_train_differently(reference, tmp_path):
-    results = launch("course_lib.parallel.deepspeed_train", [*STEPS, "--zero-stage", 2, "--save-checkpoint",
+    results = launch("course_lib.parallel.deepspeed_train", [*STEPS, *BUCKETS, "--zero-stage", 2, "--save-checkpoint",
                      "--same-shard"], nproc=2, launcher="deepspeed", result_dir=tmp_path, timeout=300,
                      show_output=False)  # fmt: skip
     weights = consolidated(results[0]["checkpoint"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import statistics
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -37,21 +37,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per step")
     p.add_argument("--save-checkpoint", action="store_true")
     p.add_argument("--same-shard", action="store_true", help="every rank reads rank 0's shard: a wrong run")
+    p.add_argument("--bucket-elements", type=int, default=None, help="ZeRO bucket size (DeepSpeed's default: 5e8)")
+    p.add_argument("--sweep", action="store_true", help="run every ZeRO stage x accumulation (2 and 4 too)")
     return p
 
 
 class EngineStepper:
-    """The course loop's Stepper for a DeepSpeed engine: the loop already weights each micro-batch's loss by its
-    share of the step's targets, so the engine must not divide by the accumulation steps again."""
+    """The course loop's Stepper for a DeepSpeed engine. DeepSpeed expects backward() then step() after *every*
+    micro-batch and applies the update only at its accumulation boundary (every gradient_accumulation_steps
+    calls), so both happen in `backward`; `step` reports the gradient norm of the update just made. The loop
+    already weights each micro-batch's loss by its share of the targets, so the engine must not divide by the
+    accumulation steps again."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
 
     def step(self) -> float:
-        self.engine.step()
+        if not self.engine.was_step_applied():
+            raise RuntimeError("the loop's step and DeepSpeed's accumulation boundary disagree: check accumulation")
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -73,6 +80,36 @@ def held_bytes(engine) -> dict[str, int]:
                                        if isinstance(t, torch.Tensor))}  # fmt: skip
 
 
+def run(args: argparse.Namespace, data: tuple, rank: int, world: int, zero_stage: int, accumulation: int) -> dict:
+    """Build the model and engine for one setting, train args.steps steps, and report what happened."""
+    import deepspeed
+
+    x, y, vocab_size = data
+    model = ddp.build(args, vocab_size)
+    config = dataclasses.replace(ddp.train_config(args), accumulation_steps=accumulation)
+    if args.batch % (world * accumulation):
+        raise ValueError(f"--batch {args.batch} must divide by ranks x accumulation = {world * accumulation}")
+    settings = DeepSpeedSettings(micro_batch=args.batch // world // accumulation, accumulation=accumulation,
+                                 world_size=world, zero_stage=zero_stage, grad_clip=config.grad_clip, lr=config.lr,
+                                 betas=config.betas, weight_decay=config.weight_decay,
+                                 bucket_elements=args.bucket_elements)  # fmt: skip
+    decay_groups = make_optimizer(model, config).param_groups  # weight decay on matrices only, as the reference
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in decay_groups]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
+    shard = 0 if args.same_shard else rank
+    batches = micro_batches(x, y, argparse.Namespace(**vars(args) | {"accumulation": accumulation}), shard, world)
+    history = train(engine, batches, config, optimizer=optimizer, stepper=EngineStepper(engine), progress=False)
+    result = {"zero_stage": zero_stage, "micro_batch": settings.micro_batch, "accumulation": accumulation,
+              "local_loss": history.loss, "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
+              "optimizer_class": type(optimizer).__name__}  # fmt: skip
+    if args.save_checkpoint:
+        folder = result_dir() / f"deepspeed-checkpoint-zero{zero_stage}"
+        engine.save_checkpoint(str(folder), tag="final")
+        result["checkpoint"] = str(folder)
+    engine.destroy()
+    return result
+
+
 def main() -> None:
     import deepspeed
 
@@ -81,36 +118,20 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend=pick_backend(), timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    x, y, vocab_size = ddp.dataset(args)
-    model = ddp.build(args, vocab_size)
-    config = ddp.train_config(args)
-    if args.batch % (world * args.accumulation):
-        raise ValueError(f"--batch {args.batch} must divide by ranks x --accumulation = {world * args.accumulation}")
-    settings = DeepSpeedSettings(micro_batch=args.batch // world // args.accumulation, accumulation=args.accumulation,
-                                 world_size=world, zero_stage=args.zero_stage, grad_clip=config.grad_clip, lr=config.lr,
-                                 betas=config.betas, weight_decay=config.weight_decay)  # fmt: skip
-    decay_groups = make_optimizer(model, config).param_groups  # weight decay on matrices only, as the reference
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in decay_groups]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
-    start = time.perf_counter()
-    shard = 0 if args.same_shard else rank
-    history = train(engine, micro_batches(x, y, args, shard, world),
-                    dataclasses.replace(config, accumulation_steps=args.accumulation), optimizer=optimizer,
-                    stepper=EngineStepper(engine), progress=False)  # fmt: skip
-    result = {"rank": rank, "world": world, "zero_stage": args.zero_stage, "local_loss": history.loss,
-              "seconds": time.perf_counter() - start, "held_bytes": held_bytes(engine),
-              "optimizer_class": type(optimizer).__name__}  # fmt: skip
-    if args.save_checkpoint:
-        folder = result_dir() / "deepspeed-checkpoint"
-        engine.save_checkpoint(str(folder), tag="final")
-        result["checkpoint"] = str(folder)
-    if rank == 0:
-        print(
-            f"ZeRO-{args.zero_stage} on {world} ranks: {args.steps} steps in {result['seconds']:.2f} s, "
-            f"optimizer {result['optimizer_class']}, last local loss {history.loss[-1]:.4f}"
-        )
-    del engine, optimizer, model
-    save_result(result)
+    data = ddp.dataset(args)
+    if args.sweep:  # every (ZeRO stage, accumulation) for the same global batch, in one launch
+        settings = [(stage, acc) for stage in (0, 1, 2, 3) for acc in (1, 2, 4) if args.batch % (world * acc) == 0]
+    else:
+        settings = [(args.zero_stage, args.accumulation)]
+    runs = []
+    for stage, accumulation in settings:
+        runs.append(run(args, data, rank, world, stage, accumulation))
+        if rank == 0:
+            done = runs[-1]
+            print(f"ZeRO-{stage}, micro-batch {done['micro_batch']} x {accumulation} on {world} ranks: "
+                  f"{statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per rank, "
+                  f"{done['optimizer_class']}, last local loss {done['local_loss'][-1]:.4f}")  # fmt: skip
+    save_result({"rank": rank, "world": world, "runs": runs} | (runs[0] if not args.sweep else {}))
     finish()
 
 
