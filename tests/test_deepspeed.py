@@ -45,3 +45,12 @@ def test_ranks_reading_the_same_shard_train_differently(reference, tmp_path):
                      show_output=False)  # fmt: skip
     weights = consolidated(results[0]["checkpoint"])
     assert not torch.allclose(weights["blocks.0.mlp.fc.weight"].float(), reference["blocks.0.mlp.fc.weight"], atol=ATOL)
+
+
+def test_accumulating_micro_batches_under_deepspeed_trains_like_one_process(reference, tmp_path):
+    args = [*STEPS, *BUCKETS, "--zero-stage", 1, "--accumulation", 2, "--save-checkpoint"]
+    results = launch("course_lib.parallel.deepspeed_train", args, nproc=2, result_dir=tmp_path, timeout=300,
+                     show_output=False)  # fmt: skip
+    weights = consolidated(results[0]["checkpoint"])
+    for name, expected in reference.items():
+        torch.testing.assert_close(weights[name].float(), expected, atol=ATOL, rtol=0)
