@@ -38,6 +38,13 @@ class LaunchError(RuntimeError):
     """A launched run failed: a rank crashed, the run hung past its time limit, or results are missing."""
 
 
+def deepspeed_accelerator() -> str:
+    """The accelerator DeepSpeed should use, said explicitly (it warns when it has to guess)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (DeepSpeed's launcher would otherwise use 29500 for every run)."""
     with socket.socket() as probe:
@@ -136,6 +143,7 @@ def launch(
             PREFIX_RANK_ENV: str(int(launcher == "deepspeed")),
         }
         env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # fmt: skip
+        env.setdefault("DS_ACCELERATOR", deepspeed_accelerator())
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                    start_new_session=True)  # fmt: skip
         lines: queue.Queue = queue.Queue()

@@ -114,7 +114,8 @@ def main() -> None:
     import deepspeed
 
     args = parser().parse_args()
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")  # DeepSpeed's, not ours
+    deprecated = ".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated"  # DeepSpeed's calls, not ours
+    warnings.filterwarnings("ignore", message=deprecated)
     deepspeed.init_distributed(dist_backend=pick_backend(), timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
