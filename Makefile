@@ -75,6 +75,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_gpt.py
 	$(BIN)/python benchmarks/precision_and_checkpointing.py
 	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/deepspeed_sweep.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
