@@ -1,10 +1,13 @@
 """Run a distributed entry point as real processes from a notebook, and get each rank's results back.
 
 `mp.spawn` cannot start a function defined in a notebook (it is not importable), and `!torchrun` that fails
-does not fail the cell. `launch` starts `torchrun` as a subprocess with a time limit, streams every rank's
-output into the cell prefixed by its rank, and returns the `rank{r}.json` each rank wrote (with
-`course_lib.parallel.common.save_result`) as a list indexed by rank. If a rank crashes or the run exceeds its
-time limit, the whole process group is killed and a `LaunchError` shows the failing rank's traceback.
+does not fail the cell. `launch` starts `torchrun` (or DeepSpeed's launcher) as a subprocess with a time limit,
+streams every rank's output into the cell prefixed by its rank, and returns the `rank{r}.json` each rank wrote
+(with `course_lib.parallel.common.save_result`) as a list indexed by rank. If a rank crashes or the run exceeds
+its time limit, every process is killed and a `LaunchError` shows the failing rank's traceback. `nnodes > 1`
+starts one launcher per "node" on this machine, joined as a cluster's nodes would be (torchrun's c10d
+rendezvous; DeepSpeed's `--no_ssh --node_rank` with a hostfile); `max_restarts` lets torchrun restart the ranks
+after a failure (elastic training).
 """
 
 from __future__ import annotations
@@ -52,34 +55,54 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _command(launcher: str, module: str, args: list[str], nproc: int, logs: Path) -> list[str]:
+def _commands(launcher: str, module: str, args: list[str], nproc: int, nnodes: int, max_restarts: int,
+              scratch: Path) -> list[list[str]]:  # fmt: skip
+    """One launcher command per node. A single node uses torchrun --standalone (it picks its own port)."""
+    port = free_port()
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--tee=3",
-                f"--log-dir={logs}", "-m", module, *args]  # fmt: skip
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-            str(free_port()), "--no_local_rank", "--module", module, *args]  # fmt: skip
+        common = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--tee=3",
+                  f"--max-restarts={max_restarts}"]  # fmt: skip
+        if nnodes == 1:
+            return [[*common, "--standalone", f"--log-dir={scratch / 'logs'}", "-m", module, *args]]
+        rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=course-{port}"]
+        return [[*common, f"--nnodes={nnodes}", f"--node-rank={node}", *rendezvous,
+                 f"--log-dir={scratch / f'logs{node}'}", "-m", module, *args] for node in range(nnodes)]  # fmt: skip
+    common = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_addr",
+              "127.0.0.1", "--master_port", str(port), "--no_local_rank"]  # fmt: skip
+    if nnodes == 1:
+        return [[*common, "--module", module, *args]]
+    hostfile = scratch / "hostfile"  # the same machine under different names, one per "node"
+    hostfile.write_text("".join(f"{name} slots={nproc}\n" for name in ["localhost", "127.0.0.1"][:nnodes]))
+    return [[*common, "--hostfile", str(hostfile), "--num_nodes", str(nnodes), "--no_ssh", "--node_rank", str(node),
+             "--module", module, *args] for node in range(nnodes)]  # fmt: skip
 
 
-def _check_args(module: str, nproc: int, timeout: float, threads_per_rank: int) -> None:
+def _check_args(module: str, nproc: int, timeout: float, threads_per_rank: int, launcher: str, nnodes: int,
+                max_restarts: int) -> None:  # fmt: skip
     if not isinstance(module, str) or importlib.util.find_spec(module) is None:
         raise ValueError(f"module must name an importable entry point, e.g. 'course_lib.parallel.ddp', got {module!r}")
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    for name, value in (("nproc", nproc), ("threads_per_rank", threads_per_rank), ("nnodes", nnodes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not isinstance(threads_per_rank, int) or threads_per_rank < 1:
-        raise ValueError(f"threads_per_rank must be a positive int, got {threads_per_rank!r}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if launcher == "deepspeed" and nnodes > 2:
+        raise ValueError("launcher='deepspeed' runs at most 2 nodes on one machine (one hostfile alias each)")
+    if not isinstance(max_restarts, int) or max_restarts < 0 or (max_restarts and launcher != "torchrun"):
+        raise ValueError(f"max_restarts must be an int >= 0 (restarts need launcher='torchrun'), got {max_restarts!r}")
 
 
-def _read_lines(stream, lines: queue.Queue) -> None:
+def _read_lines(node: int, stream, lines: queue.Queue) -> None:
     for line in stream:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)  # end of output
+        lines.put((node, line.rstrip("\n")))
+    lines.put((node, None))  # end of this node's output
 
 
 def _kill(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Stop torchrun and every rank it started. The ranks run in sessions of their own, so each is found as a
-    descendant first; torchrun gets SIGTERM (it forwards it to its ranks), then anything still alive SIGKILL."""
+    """Stop a launcher and every rank it started. The ranks run in sessions of their own, so each is found as a
+    descendant first; the launcher gets SIGTERM (it forwards it to its ranks), then anything still alive SIGKILL."""
     family = []
     with contextlib.suppress(psutil.NoSuchProcess):
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
@@ -93,20 +116,20 @@ def _kill(process: subprocess.Popen, grace_s: float = 5.0) -> None:
     process.wait()
 
 
-def _tail(rank_lines: dict[int, list[str]], other_lines: list[str]) -> str:
-    shown = [f"[rank {r}] {line}" for r, lines in sorted(rank_lines.items()) for line in lines[-10:]]
+def _tail(rank_lines: dict[str, list[str]], other_lines: list[str]) -> str:
+    shown = [f"[{who}] {line}" for who, lines in sorted(rank_lines.items()) for line in lines[-10:]]
     return "\n".join(shown + other_lines[-10:])
 
 
-def _failure_report(rank_lines: dict[int, list[str]], other_lines: list[str]) -> str:
-    failed = [r for r, lines in sorted(rank_lines.items()) if any("Traceback" in line for line in lines)]
+def _failure_report(rank_lines: dict[str, list[str]], other_lines: list[str]) -> str:
+    failed = [who for who, lines in sorted(rank_lines.items()) if any("Traceback" in line for line in lines)]
     if not failed:
         return "no rank printed a traceback; the last output:\n" + _tail(rank_lines, other_lines)
     parts = []
-    for rank in failed:
-        lines = rank_lines[rank]
+    for who in failed:
+        lines = rank_lines[who]
         start = max(i for i, line in enumerate(lines) if "Traceback" in line)
-        parts.append(f"rank {rank} failed:\n" + "\n".join(lines[max(start, len(lines) - TAIL_LINES) :]))
+        parts.append(f"{who} failed:\n" + "\n".join(lines[max(start, len(lines) - TAIL_LINES) :]))
     return "\n".join(parts)
 
 
@@ -119,23 +142,24 @@ def launch(
     result_dir: str | Path | None = None,
     show_output: bool = True,
     launcher: str = "torchrun",
+    nnodes: int = 1,
+    max_restarts: int = 0,
 ) -> list[dict]:
-    """Run `torchrun --standalone --nproc-per-node nproc -m module *args` (or `deepspeed --num_gpus nproc
-    --master_port <free> --module module *args`) and return the ranks' results.
+    """Run `module` with `nproc` ranks on each of `nnodes` nodes (this machine) and return the ranks' results.
 
-    `timeout` bounds the whole run; `threads_per_rank` sets OMP_NUM_THREADS (2 ranks x 1 thread on 2 cores);
-    `result_dir` keeps what the ranks write (default: a temporary folder removed afterwards).
+    torchrun: `torchrun --standalone --nproc-per-node nproc -m module *args` (several nodes: c10d rendezvous);
+    deepspeed: `deepspeed --num_gpus nproc --master_port <free> --module module *args` (several nodes: a
+    hostfile and `--no_ssh --node_rank`). `timeout` bounds the whole run; `threads_per_rank` sets OMP_NUM_THREADS
+    (2 ranks x 1 thread on 2 cores); `result_dir` keeps what the ranks write (default: a temporary folder).
     """
-    _check_args(module, nproc, timeout, threads_per_rank)
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    _check_args(module, nproc, timeout, threads_per_rank, launcher, nnodes, max_restarts)
     args = [str(a) for a in args]
+    world = nproc * nnodes
     with tempfile.TemporaryDirectory(prefix="course-launch-") as scratch:
         results = Path(result_dir) if result_dir is not None else Path(scratch) / "results"
         results.mkdir(parents=True, exist_ok=True)
         for old in results.glob("rank*.json"):
             old.unlink()
-        command = _command(launcher, module, args, nproc, Path(scratch) / "logs")
         env = os.environ | {
             "OMP_NUM_THREADS": str(threads_per_rank),
             "PYTHONUNBUFFERED": "1",
@@ -144,42 +168,48 @@ def launch(
         }
         env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # fmt: skip
         env.setdefault("DS_ACCELERATOR", deepspeed_accelerator())
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                   start_new_session=True)  # fmt: skip
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
-        rank_lines: dict[int, list[str]] = {r: [] for r in range(nproc)}
+        processes = []
+        for node, command in enumerate(_commands(launcher, module, args, nproc, nnodes, max_restarts, Path(scratch))):
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                       start_new_session=True)  # fmt: skip
+            threading.Thread(target=_read_lines, args=(node, process.stdout, lines), daemon=True).start()
+            processes.append(process)
+        rank_lines: dict[str, list[str]] = {}
         other_lines: list[str] = []
-        deadline = time.monotonic() + timeout
+        deadline, open_streams = time.monotonic() + timeout, len(processes)
         try:
-            while True:
+            while open_streams:
                 try:
-                    line = lines.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                    node, line = lines.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
                 except queue.Empty:
                     if time.monotonic() >= deadline:
-                        _kill(process)
                         raise LaunchError(f"{module} did not finish within {timeout:g} s and was stopped; "
                                           f"last output:\n{_tail(rank_lines, other_lines)}") from None  # fmt: skip
                     continue
                 if line is None:
-                    break
+                    open_streams -= 1
+                    continue
                 match = RANK_LINE.match(line)
-                if match:
-                    rank, text = int(match.group(1)), match.group(2)
-                    rank_lines.setdefault(rank, []).append(text)
+                if match:  # torchrun tags local ranks; several torchrun nodes are told apart by node
+                    local = int(match.group(1))
+                    who = f"node {node} rank {local}" if nnodes > 1 and launcher == "torchrun" else f"rank {local}"
+                    rank_lines.setdefault(who, []).append(match.group(2))
                     if show_output:
-                        print(f"[rank {rank}] {text}", flush=True)
+                        print(f"[{who}] {match.group(2)}", flush=True)
                 else:
                     other_lines.append(line)
-            remaining = max(1.0, deadline - time.monotonic())
-            process.wait(timeout=remaining)
+            for process in processes:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
         except BaseException:
-            _kill(process)
+            for process in processes:
+                _kill(process)
             raise
-        if process.returncode != 0:
-            raise LaunchError(f"{module} failed (torchrun exit code {process.returncode}).\n"
+        codes = [process.returncode for process in processes]
+        if any(codes):
+            raise LaunchError(f"{module} failed (launcher exit codes {codes}).\n"
                               f"{_failure_report(rank_lines, other_lines)}")  # fmt: skip
-        missing = [r for r in range(nproc) if not (results / f"rank{r}.json").is_file()]
+        missing = [r for r in range(world) if not (results / f"rank{r}.json").is_file()]
         if missing:
             raise LaunchError(f"{module} finished but ranks {missing} wrote no rank{{r}}.json into {RESULT_DIR_ENV}")
-        return [json.loads((results / f"rank{r}.json").read_text()) for r in range(nproc)]
+        return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]

@@ -49,8 +49,25 @@ def test_a_rank_that_hangs_is_stopped_at_the_time_limit_and_nothing_is_left(tmp_
         ({"module": "course_lib.parallel.hello", "timeout": 0}, "timeout must be a positive number"),
         ({"module": "course_lib.parallel.hello", "threads_per_rank": 0}, "threads_per_rank must be a positive int"),
         ({"module": "course_lib.parallel.hello", "launcher": "mpirun"}, "launcher must be one of"),
+        ({"module": "course_lib.parallel.hello", "nnodes": 0}, "nnodes must be a positive int"),
+        ({"module": "course_lib.parallel.hello", "launcher": "deepspeed", "max_restarts": 1}, "restarts need launcher"),
     ],
 )
 def test_bad_arguments_are_refused_before_starting(kwargs, message):
     with pytest.raises(ValueError, match=message):
         launch(**kwargs)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_on_this_machine_form_one_world(launcher):
+    results = launch("course_lib.parallel.hello", nproc=1, nnodes=2, launcher=launcher, timeout=120, show_output=False)
+    assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
+    assert all(r["sum_of_ranks"] == 1.0 for r in results)
+
+
+def test_an_elastic_run_restarts_after_a_killed_rank_and_finishes():
+    with pytest.raises(LaunchError):
+        launch("course_lib.parallel.hello", ["--kill-once-rank", "1"], nproc=2, timeout=60, show_output=False)
+    results = launch("course_lib.parallel.hello", ["--kill-once-rank", "1"], nproc=2, max_restarts=1, timeout=90,
+                     show_output=False)  # fmt: skip
+    assert [r["attempt"] for r in results] == [1, 1] and all(r["sum_of_ranks"] == 1.0 for r in results)

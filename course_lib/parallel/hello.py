@@ -1,7 +1,9 @@
 """The smallest distributed program: every rank joins the group, says who it is, and all-reduces its rank.
 
 Also the launcher's test subject: `--fail-rank R` makes rank R raise, `--hang-rank R` makes it sleep forever
-(as a deadlocked rank would), so the tests can check that a failure or a hang ends the whole run cleanly.
+(as a deadlocked rank would), so the tests can check that a failure or a hang ends the whole run cleanly; and
+`--kill-once-rank R` kills rank R (SIGKILL, as a lost machine would) in the first attempt only, so an elastic
+run (`torchrun --max-restarts`) can show that it restarts and finishes.
 Run: torchrun --nproc-per-node N -m course_lib.parallel.hello
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 
 import torch
@@ -21,18 +24,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fail-rank", type=int, default=None, help="this rank raises an error")
     parser.add_argument("--hang-rank", type=int, default=None, help="this rank never finishes")
+    parser.add_argument("--kill-once-rank", type=int, default=None, help="this rank is killed in the first attempt")
     args = parser.parse_args()
     me = init()
     print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}, pid {os.getpid()}")
     if me.rank == args.fail_rank:
         raise RuntimeError(f"rank {me.rank} was told to fail")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun counts its restarts
+    if me.rank == args.kill_once_rank and attempt == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
     if me.rank == args.hang_rank:
         while True:
             time.sleep(1)
     total = torch.tensor([float(me.rank)], device=me.device)
     dist.all_reduce(total)
     save_result({"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
-                 "sum_of_ranks": total.item()})  # fmt: skip
+                 "sum_of_ranks": total.item(), "attempt": attempt})  # fmt: skip
     finish()
 
 
