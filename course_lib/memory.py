@@ -277,3 +277,91 @@ def per_device_memory(
     states = sharded_state_bytes(shape.n_params / model_split, recipe, optimizer, parallel.dp, parallel.zero_stage)
     activations = activation_bytes(shape, batch, seq, recipe.activation_bytes, checkpointing) / parallel.tp
     return states + MemoryBreakdown(activations=activations)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a planner needs to know about the machines: how many GPUs, how they are grouped into nodes, their
+    memory, their peak FLOP rate, and the bandwidth inside a node (NVLink) and between nodes (network), per GPU."""
+
+    gpus: int
+    gpus_per_node: int
+    gpu_bytes: float
+    peak_flops: float
+    intra_node_bytes_per_s: float
+    inter_node_bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        _positive_int("gpus", self.gpus)
+        _positive_int("gpus_per_node", self.gpus_per_node)
+        if self.gpus % self.gpus_per_node:
+            raise ValueError(f"gpus={self.gpus} must be whole nodes of gpus_per_node={self.gpus_per_node}")
+        for name in ("gpu_bytes", "peak_flops", "intra_node_bytes_per_s", "inter_node_bytes_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to lay a training run out on a cluster, with its memory per GPU and an estimated step time
+    (compute at an assumed MFU, plus the pipeline bubble and the communication, not overlapped: an upper bound)."""
+
+    parallel: Parallelism
+    memory: MemoryBreakdown
+    fits: bool
+    compute_s: float
+    bubble_s: float
+    tensor_comm_s: float
+    data_comm_s: float
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.bubble_s + self.tensor_comm_s + self.data_comm_s
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def plan_parallelism(
+    shape: ModelShape,
+    cluster: Cluster,
+    seq: int,
+    global_batch: int,
+    recipe: PrecisionRecipe = RECIPES["mixed"],
+    checkpointing: bool = True,
+    mfu: float = 0.5,
+) -> list[Plan]:
+    """Every layout of the cluster's GPUs as data × tensor × pipeline parallel (tensor parallelism inside a node
+    and dividing the heads, pipeline stages dividing the layers) × ZeRO stage, with micro-batches of one sequence;
+    best first: plans that fit before plans that do not, then by estimated step time."""
+    _positive_int("seq", seq)
+    _positive_int("global_batch", global_batch)
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu!r}")
+    plans = []
+    tokens = global_batch * seq
+    compute_s = training_flops_per_token(shape, seq, checkpointing) * tokens / (cluster.gpus * cluster.peak_flops * mfu)
+    for tp in _divisors(cluster.gpus_per_node):
+        if shape.n_head % tp:
+            continue
+        for pp in _divisors(shape.n_layer):
+            if cluster.gpus % (tp * pp) or global_batch % (cluster.gpus // (tp * pp)):
+                continue
+            dp = cluster.gpus // (tp * pp)
+            micro_batches = global_batch // dp  # per pipeline and step, one sequence each
+            activation_bytes_ = seq * shape.d_model * recipe.activation_bytes
+            # per layer 2 all-reduces forward + 2 backward of one (seq x d) activation, ring traffic, over NVLink
+            tensor_comm_s = (4 * 2 * (tp - 1) / tp * activation_bytes_ * shape.n_layer / pp * micro_batches
+                             / cluster.intra_node_bytes_per_s)  # fmt: skip
+            bubble_s = compute_s * (pp - 1) / micro_batches
+            link = cluster.inter_node_bytes_per_s if dp * tp > cluster.gpus_per_node else cluster.intra_node_bytes_per_s
+            local_params = shape.n_params / (tp * pp)
+            for stage in range(4):
+                parallel = Parallelism(dp, tp, pp, stage)
+                memory = per_device_memory(shape, 1, seq, recipe, "adam", checkpointing, parallel)
+                passes = 3 if stage == 3 else 2  # ZeRO-3 all-gathers weights twice and reduce-scatters gradients
+                data_comm_s = passes * (dp - 1) / dp * local_params * recipe.gradient_bytes / link
+                plans.append(Plan(parallel, memory, memory.total <= cluster.gpu_bytes, compute_s, bubble_s,
+                                  tensor_comm_s, data_comm_s))  # fmt: skip
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
