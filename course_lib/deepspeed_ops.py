@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import time
 
-from course_lib.launch import EXTENSIONS_DIR
+from course_lib.launch import EXTENSIONS_DIR, deepspeed_accelerator
 
 
 def prewarm() -> float:
     """Build (or find cached) the ops the course uses; returns the seconds it took."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    os.environ.setdefault("DS_ACCELERATOR", deepspeed_accelerator())  # said, so DeepSpeed does not guess and warn
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     start = time.perf_counter()
