@@ -62,7 +62,16 @@ def init(timeout_s: float = 60.0) -> Rank:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(pick_backend(device), timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # After an elastic restart torchrun's store still holds the previous attempt's addresses; a prefix per attempt
+    # keeps a restarted rank from dialling a rank that no longer exists.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store itself
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(pick_backend(device), store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)  # fmt: skip
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return Rank(dist.get_rank(), dist.get_world_size(), device)
 
