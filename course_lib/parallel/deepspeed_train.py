@@ -63,12 +63,12 @@ class EngineStepper:
         return float(norm) if norm is not None else float("nan")
 
 
-def micro_batches(x, y, args, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's shard of every global batch, cut into --accumulation micro-batches."""
+def micro_batches(x, y, args, rank: int, world: int, accumulation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's shard of every global batch, cut into `accumulation` micro-batches."""
     for bx, by in ddp.shard_batches(x, y, args, rank, world):
-        if len(bx) % args.accumulation:
-            raise ValueError(f"--batch / ranks = {len(bx)} must split into --accumulation {args.accumulation} parts")
-        yield from zip(bx.chunk(args.accumulation), by.chunk(args.accumulation), strict=True)
+        if len(bx) % accumulation:
+            raise ValueError(f"--batch / ranks = {len(bx)} must split into {accumulation} micro-batches")
+        yield from zip(bx.chunk(accumulation), by.chunk(accumulation), strict=True)
 
 
 def held_bytes(engine) -> dict[str, int]:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, zero_stage
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in decay_groups]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
     shard = 0 if args.same_shard else rank
-    batches = micro_batches(x, y, argparse.Namespace(**vars(args) | {"accumulation": accumulation}), shard, world)
+    batches = micro_batches(x, y, args, shard, world, accumulation)
     history = train(engine, batches, config, optimizer=optimizer, stepper=EngineStepper(engine), progress=False)
     result = {"zero_stage": zero_stage, "micro_batch": settings.micro_batch, "accumulation": accumulation,
               "local_loss": history.loss, "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),

@@ -105,7 +105,7 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
             self.verdict.value = f'<p class="course-memory-error" style="color:#c53030">{html.escape(str(error))}</p>'
             return
         rows = [[f"{getattr(memory, c) / GB:.3f}"] for c in COMPONENTS] + [[f"{memory.total / GB:.3f}"]]
-        devices = self.dp.value * self.tp.value * self.pp.value
+        devices = Parallelism(self.dp.value, self.tp.value, self.pp.value).devices
         caption = f"{self.shape.name}: {self.shape.n_params / 1e9:.3g} B parameters, {devices} devices"
         self.table.value = html_table(rows, [*COMPONENTS, "total"], ["GB per device"], "course-memory-gb", caption)
         share = memory.total / (self.gpu.value * GB)
