@@ -154,23 +154,46 @@ def launch(
     """
     _check_args(module, nproc, timeout, threads_per_rank, launcher, nnodes, max_restarts)
     args = [str(a) for a in args]
-    world = nproc * nnodes
     with tempfile.TemporaryDirectory(prefix="course-launch-") as scratch:
+        commands = _commands(launcher, module, args, nproc, nnodes, max_restarts, Path(scratch))
+        by_node = nnodes > 1 and launcher == "torchrun"  # torchrun tags local ranks: several nodes repeat them
+        return run_commands(commands, nproc * nnodes, module, timeout, threads_per_rank, result_dir, show_output,
+                            ranks_tag_lines=launcher == "deepspeed", label_by_node=by_node)  # fmt: skip
+
+
+def run_commands(
+    commands: list[list[str]],
+    world: int,
+    name: str,
+    timeout: float = 120.0,
+    threads_per_rank: int = 1,
+    result_dir: str | Path | None = None,
+    show_output: bool = True,
+    ranks_tag_lines: bool = True,
+    label_by_node: bool = False,
+    env: dict[str, str] | None = None,
+) -> list[dict]:
+    """Start the launcher `commands` together (one per node), stream the ranks' lines, return the `world` ranks'
+    results. `ranks_tag_lines`: the ranks tag their own lines (launchers that do not, or `torchrun` without
+    `--tee`); `label_by_node`: the tags are local ranks, told apart by which command printed them; `env` is added to
+    the environment. The engine under `launch`, and under `course_lib.local_cluster` for a batch script."""
+    with tempfile.TemporaryDirectory(prefix="course-run-") as scratch:
         results = Path(result_dir) if result_dir is not None else Path(scratch) / "results"
         results.mkdir(parents=True, exist_ok=True)
         for old in results.glob("rank*.json"):
             old.unlink()
-        env = os.environ | {
+        ours = {
             "OMP_NUM_THREADS": str(threads_per_rank),
             "PYTHONUNBUFFERED": "1",
             RESULT_DIR_ENV: str(results),
-            PREFIX_RANK_ENV: str(int(launcher == "deepspeed")),
+            PREFIX_RANK_ENV: str(int(ranks_tag_lines)),
         }
+        env = os.environ | (env or {}) | ours
         env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # fmt: skip
         env.setdefault("DS_ACCELERATOR", deepspeed_accelerator())
         lines: queue.Queue = queue.Queue()
         processes = []
-        for node, command in enumerate(_commands(launcher, module, args, nproc, nnodes, max_restarts, Path(scratch))):
+        for node, command in enumerate(commands):
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                        start_new_session=True)  # fmt: skip
             threading.Thread(target=_read_lines, args=(node, process.stdout, lines), daemon=True).start()
@@ -184,16 +207,15 @@ def launch(
                     node, line = lines.get(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
                 except queue.Empty:
                     if time.monotonic() >= deadline:
-                        raise LaunchError(f"{module} did not finish within {timeout:g} s and was stopped; "
+                        raise LaunchError(f"{name} did not finish within {timeout:g} s and was stopped; "
                                           f"last output:\n{_tail(rank_lines, other_lines)}") from None  # fmt: skip
                     continue
                 if line is None:
                     open_streams -= 1
                     continue
                 match = RANK_LINE.match(line)
-                if match:  # torchrun tags local ranks; several torchrun nodes are told apart by node
-                    local = int(match.group(1))
-                    who = f"node {node} rank {local}" if nnodes > 1 and launcher == "torchrun" else f"rank {local}"
+                if match:
+                    who = f"node {node} rank {match.group(1)}" if label_by_node else f"rank {match.group(1)}"
                     rank_lines.setdefault(who, []).append(match.group(2))
                     if show_output:
                         print(f"[{who}] {match.group(2)}", flush=True)
@@ -207,9 +229,8 @@ def launch(
             raise
         codes = [process.returncode for process in processes]
         if any(codes):
-            raise LaunchError(f"{module} failed (launcher exit codes {codes}).\n"
-                              f"{_failure_report(rank_lines, other_lines)}")  # fmt: skip
+            raise LaunchError(f"{name} failed (exit codes {codes}).\n{_failure_report(rank_lines, other_lines)}")
         missing = [r for r in range(world) if not (results / f"rank{r}.json").is_file()]
         if missing:
-            raise LaunchError(f"{module} finished but ranks {missing} wrote no rank{{r}}.json into {RESULT_DIR_ENV}")
+            raise LaunchError(f"{name} finished but ranks {missing} wrote no rank{{r}}.json into {RESULT_DIR_ENV}")
         return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]

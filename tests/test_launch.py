@@ -60,9 +60,9 @@ def test_bad_arguments_are_refused_before_starting(kwargs, message):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_nodes_on_this_machine_form_one_world(launcher):
-    results = launch("course_lib.parallel.hello", nproc=1, nnodes=2, launcher=launcher, timeout=120, show_output=False)
-    assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
-    assert all(r["sum_of_ranks"] == 1.0 for r in results)
+    results = launch("course_lib.parallel.hello", nproc=2, nnodes=2, launcher=launcher, timeout=120, show_output=False)
+    assert [(r["rank"], r["node"], r["local_rank"]) for r in results] == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    assert all(r["world"] == 4 and r["sum_of_ranks"] == 6.0 for r in results)
 
 
 def test_an_elastic_run_restarts_after_a_killed_rank_and_finishes():

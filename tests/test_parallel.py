@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from course_lib.launch import launch
-from course_lib.parallel import ddp, pipeline, tensor_parallel
+from course_lib.parallel import ddp, expert, pipeline, tensor_parallel
 from course_lib.parallel.ring_allreduce import rank_tensor
 
 
@@ -175,3 +175,58 @@ def test_fsdp_whose_ranks_read_the_same_shard_trains_differently(tmp_path):
     reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"]))
     final = torch.load(results[0]["weights"])
     assert not torch.allclose(final["blocks.0.mlp.fc.weight"], reference.blocks[0].mlp.fc.weight.detach(), atol=1e-6)
+
+
+def expert_run(extra, tmp_path):
+    results = launch("course_lib.parallel.expert", extra, nproc=2, result_dir=tmp_path, show_output=False)
+    return results, [torch.load(r["tensors"]) for r in results]
+
+
+def test_experts_on_two_ranks_give_the_single_process_outputs_and_gradients(tmp_path):
+    results, tensors = expert_run([], tmp_path)
+    args = expert.parser().parse_args([])
+    out, grads = expert.reference_run(args, 2)
+    for rank, (result, mine) in enumerate(zip(results, tensors, strict=True)):
+        torch.testing.assert_close(mine["out"], out[rank * args.tokens : (rank + 1) * args.tokens], atol=1e-12, rtol=0)
+        assert result["experts"] == [2 * rank, 2 * rank + 1]
+        held = {name.split(".")[1] for name in mine if name.startswith("experts.")}
+        assert held == {str(2 * rank), str(2 * rank + 1)}
+        for name, grad in mine.items():
+            if name != "out":
+                torch.testing.assert_close(grad, grads[name], atol=1e-12, rtol=0)
+        away = sum(result["tokens_per_expert_sent"][2 * (1 - rank) : 2 * (1 - rank) + 2])
+        assert result["remote_tokens"] == away and result["bytes_sent"] == 2 * away * args.width * 8
+    expert_params = sum(p.numel() for p in expert.build(args).experts["0"].parameters())
+    assert results[0]["parameters"] == args.width * args.experts + 2 * expert_params  # router + its two experts
+    sent = torch.tensor([r["tokens_per_expert_sent"] for r in results])
+    received = [r["tokens_received"] for r in results]
+    assert received == [sent[:, 0:2].flatten().tolist(), sent[:, 2:4].flatten().tolist()]
+
+
+def test_experts_results_left_in_expert_order_are_wrong(tmp_path):
+    _, tensors = expert_run(["--no-unsort"], tmp_path)
+    args = expert.parser().parse_args([])
+    out, _ = expert.reference_run(args, 2)
+    assert not torch.allclose(tensors[0]["out"], out[: args.tokens], atol=1e-6)
+
+
+def elastic_run(extra, tmp_path):
+    args = ["--steps", "8", "--dtype", "float64", "--checkpoint-dir", tmp_path, "--checkpoint-every", "3",
+            "--kill-rank", "1", "--kill-at-step", "5", *extra]  # fmt: skip
+    results = launch("course_lib.parallel.elastic", args, nproc=2, max_restarts=1, result_dir=tmp_path,
+                     show_output=False)  # fmt: skip
+    return results, torch.load(results[0]["weights"])
+
+
+def test_a_lost_rank_is_restarted_and_the_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    results, weights = elastic_run([], tmp_path)
+    assert [(r["attempt"], r["started_at"], r["steps_run"]) for r in results] == [(1, 3, 5)] * 2
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "8", "--dtype", "float64"]))
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(weights[name], expected, atol=1e-10, rtol=0)
+
+
+def test_resuming_without_the_data_position_trains_differently(tmp_path):
+    _, weights = elastic_run(["--forget-data-position"], tmp_path)
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "8", "--dtype", "float64"]))
+    assert not torch.allclose(weights["lm_head.weight"], reference.lm_head.weight.detach(), atol=1e-6)

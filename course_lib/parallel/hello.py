@@ -36,10 +36,12 @@ def main() -> None:
     if me.rank == args.hang_rank:
         while True:
             time.sleep(1)
+    node = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK", "0"))  # torchrun's name for it, DeepSpeed's
     total = torch.tensor([float(me.rank)], device=me.device)
     dist.all_reduce(total)
     save_result({"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
-                 "sum_of_ranks": total.item(), "attempt": attempt})  # fmt: skip
+                 "sum_of_ranks": total.item(), "attempt": attempt, "node": int(node),
+                 "local_rank": int(os.environ["LOCAL_RANK"])})  # fmt: skip
     finish()
 
 

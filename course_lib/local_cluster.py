@@ -1,0 +1,111 @@
+"""Run a SLURM batch script for a real cluster on this machine, its "nodes" being processes.
+
+The scripts in `notebooks/cluster/` are written for a SLURM cluster: they read the job's node list with
+`scontrol`, and `srun` starts one task per node. Here `sbatch_locally` runs such a script unchanged with
+stand-ins for those two commands (put first on PATH): `scontrol show hostnames` lists the nodes as
+`localhost` and `127.0.0.1` (two names for this machine, so DeepSpeed's hostfile has two hosts) and `srun` starts
+its command once per node, all at once, each with its own SLURM_NODEID. The launcher the script calls through
+`$PYTHON` is recorded per node (exactly the arguments a cluster would get), so they can be checked with the
+launchers' own argument parsers; `dry_run` records them without starting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from course_lib.launch import free_port, run_commands
+
+NODE_NAMES = ("localhost", "127.0.0.1")  # one machine, two names: one per "node"
+
+SRUN = """#!/bin/bash
+# stand-in for SLURM's srun: the command once per node, all at once, each task told its node number
+while [[ "${1:-}" == -* ]]; do shift; done  # srun's own options do not matter on one machine
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+SCONTROL = """#!/bin/bash
+# stand-in for `scontrol show hostnames LIST`: the node names, one per line
+if [[ "${1:-} ${2:-}" != "show hostnames" ]]; then echo "scontrol stand-in: only 'show hostnames'" >&2; exit 2; fi
+tr ',' '\\n' <<< "$3"
+"""
+
+PYTHON = """#!/bin/bash
+# the script's $PYTHON: records the launcher's arguments for this node, then runs them (unless a dry run)
+printf '%s\\0' "$@" > "$COURSE_RECORD_DIR/node${SLURM_NODEID}.args"
+if [[ -n "${COURSE_DRY_RUN:-}" ]]; then exit 0; fi
+exec "$COURSE_REAL_PYTHON" "$@"
+"""
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    """What a batch script did here: each node's launcher arguments (after `python`) and the ranks' results."""
+
+    launcher_args: list[list[str]]
+    results: list[dict]
+
+
+def _write_executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def sbatch_locally(
+    script: str | Path,
+    args: list[str] = (),
+    nodes: int = 2,
+    gpus_per_node: int = 1,
+    timeout: float = 120.0,
+    result_dir: str | Path | None = None,
+    show_output: bool = True,
+    dry_run: bool = False,
+) -> LocalJob:
+    """Run the SLURM batch `script` with `args` as a job of `nodes` nodes with `gpus_per_node` ranks each (one CPU
+    process per "GPU" here); returns each node's launcher arguments and, unless `dry_run`, the ranks' results."""
+    script = Path(script)
+    if not script.is_file():
+        raise FileNotFoundError(f"script {str(script)!r} does not exist")
+    if not isinstance(nodes, int) or not 1 <= nodes <= len(NODE_NAMES):
+        raise ValueError(f"nodes must be 1 or 2 (this machine has {len(NODE_NAMES)} names), got {nodes!r}")
+    if not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool) or gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    with tempfile.TemporaryDirectory(prefix="course-sbatch-") as scratch:
+        scratch = Path(scratch)
+        stand_ins, records = scratch / "bin", scratch / "records"
+        stand_ins.mkdir()
+        records.mkdir()
+        for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("python", PYTHON)):
+            _write_executable(stand_ins / name, text)
+        env = {
+            "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}",
+            "SLURM_JOB_ID": str(os.getpid()),
+            "SLURM_JOB_NAME": "local-job",
+            "SLURM_JOB_NODELIST": ",".join(NODE_NAMES[:nodes]),
+            "SLURM_NNODES": str(nodes),
+            "PYTHON": str(stand_ins / "python"),
+            "COURSE_REAL_PYTHON": sys.executable,
+            "COURSE_RECORD_DIR": str(records),
+            "GPUS_PER_NODE": str(gpus_per_node),
+            "PORT": str(free_port()),
+        }
+        if dry_run:
+            env["COURSE_DRY_RUN"] = "1"
+        command = ["bash", str(script), *map(str, args)]
+        world = 0 if dry_run else nodes * gpus_per_node
+        results = run_commands([command], world, script.name, timeout, result_dir=result_dir, show_output=show_output,
+                               env=env)  # fmt: skip
+        recorded = [records / f"node{node}.args" for node in range(nodes)]
+        launcher_args = [path.read_text().split("\0")[:-1] for path in recorded if path.is_file()]
+        return LocalJob(launcher_args, results)

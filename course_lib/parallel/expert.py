@@ -1,0 +1,149 @@
+"""Expert parallelism: a mixture-of-experts layer whose experts live on different ranks, tokens sent to them and
+back with all_to_all.
+
+A router picks one expert per token (top-1) and scales that expert's output by its gate probability. With E
+experts on N ranks, rank r keeps experts r·E/N ... (r+1)·E/N - 1 only. One forward pass: route the local tokens,
+sort them by expert, tell every rank how many tokens of each of its experts are coming (all_to_all of counts),
+send the tokens (all_to_all), run the local experts on what arrived, send the results back (all_to_all with the
+splits reversed) and put them back in the tokens' order. The router is replicated like a data-parallel weight
+(its gradient is all-reduced); an expert's gradient needs no all-reduce: every token that used it came to its
+rank. `--no-unsort` forgets the last reordering: the negative control.
+
+Run: torchrun --nproc-per-node 2 -m course_lib.parallel.expert --experts 4
+`reference_run(args)` computes the same layer on all ranks' tokens in one process, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as collectives
+from torch import nn
+
+from course_lib.device import seed_everything
+from course_lib.parallel.common import finish, init, save_result, save_tensors
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experts", type=int, default=4, help="experts in the layer, divisible by the number of ranks")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=32, help="each expert's MLP hidden width")
+    p.add_argument("--tokens", type=int, default=24, help="tokens per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-unsort", action="store_true", help="return the results in expert order: wrong")
+    return p
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-1 mixture of experts: out = gate · expert_e(x), e = argmax of the router's softmax. `experts` is a dict
+    by expert number, so a rank can keep only its own (`keep_only`)."""
+
+    def __init__(self, width: int, hidden: int, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.router = nn.Linear(width, n_experts, bias=False)
+        self.experts = nn.ModuleDict(
+            {str(e): nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+             for e in range(n_experts)})  # fmt: skip
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's expert and the gate probability its output is scaled by."""
+        gate, expert = torch.softmax(self.router(x), dim=-1).max(dim=-1)
+        return expert, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All experts in this process: the single-process reference."""
+        expert, gate = self.route(x)
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            chosen = expert == e
+            out = out.index_put((chosen,), self.experts[str(e)](x[chosen]))
+        return out * gate[:, None]
+
+    def keep_only(self, experts: range) -> None:
+        for e in range(self.n_experts):
+            if e not in experts:
+                del self.experts[str(e)]
+
+
+def build(args: argparse.Namespace) -> MixtureOfExperts:
+    seed_everything(args.seed)  # the same router and experts everywhere; each rank then drops the others' experts
+    return MixtureOfExperts(args.width, args.hidden, args.experts).double()
+
+
+def rank_tokens(args: argparse.Namespace, rank: int) -> torch.Tensor:
+    """The tokens rank `rank` brings (its micro-batch's activations), reproducible anywhere."""
+    return torch.randn(args.tokens, args.width, generator=torch.Generator().manual_seed(1000 + rank),
+                       dtype=torch.float64)  # fmt: skip
+
+
+def loss_weights(args: argparse.Namespace, world: int) -> torch.Tensor:
+    """Fixed weights w for the loss sum(w · out) over all ranks' tokens, so gradients are summed, not averaged."""
+    return torch.randn(world * args.tokens, args.width, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    """all_to_all that autograd can go back through (its backward is the all_to_all with the splits swapped)."""
+    out = collectives.all_to_all_single_autograd(x, output_splits, input_splits, dist.group.WORLD)
+    return collectives.wait_tensor(out)
+
+
+def expert_parallel_forward(moe: MixtureOfExperts, x: torch.Tensor, unsort: bool = True) -> tuple[torch.Tensor, dict]:
+    """The layer on this rank's tokens, its experts spread over the ranks; returns the output and the traffic."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = moe.n_experts // world
+    expert, gate = moe.route(x)
+    order = torch.argsort(expert, stable=True)  # tokens grouped by expert, hence by the rank that owns it
+    send_counts = torch.bincount(expert, minlength=moe.n_experts)  # [destination rank, its local expert]
+    recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
+    dist.all_to_all_single(recv_counts, send_counts)
+    send_per_rank = send_counts.view(world, per_rank).sum(1).tolist()
+    recv_per_rank = recv_counts.view(world, per_rank).sum(1).tolist()
+    arrived = _all_to_all(x[order], recv_per_rank, send_per_rank)
+    pieces = arrived.split(recv_counts.tolist())  # source-major, then by my local expert
+    done = torch.cat([moe.experts[str(rank * per_rank + i % per_rank)](piece) for i, piece in enumerate(pieces)])
+    returned = _all_to_all(done, send_per_rank, recv_per_rank)  # in the order the tokens were sent
+    out = returned[torch.argsort(order)] if unsort else returned
+    element = x.shape[1] * x.element_size()
+    traffic = {"tokens_per_expert_sent": send_counts.tolist(), "tokens_received": recv_counts.tolist(),
+               "remote_tokens": sum(send_per_rank) - send_per_rank[rank],
+               "bytes_sent": 2 * (sum(send_per_rank) - send_per_rank[rank]) * element}  # fmt: skip
+    return out * gate[:, None], traffic
+
+
+def reference_run(args: argparse.Namespace, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One process, every expert, all ranks' tokens: the output and every weight's gradient."""
+    moe = build(args)
+    x = torch.cat([rank_tokens(args, r) for r in range(world)])
+    out = moe(x)
+    (out * loss_weights(args, world)).sum().backward()
+    return out.detach(), {name: p.grad for name, p in moe.named_parameters()}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    me = init()
+    if args.experts % me.world:
+        raise ValueError(f"--experts {args.experts} must be divisible by the number of ranks {me.world}")
+    moe = build(args)
+    mine = range(me.rank * args.experts // me.world, (me.rank + 1) * args.experts // me.world)
+    moe.keep_only(mine)
+    out, traffic = expert_parallel_forward(moe, rank_tokens(args, me.rank), unsort=not args.no_unsort)
+    rows = slice(me.rank * args.tokens, (me.rank + 1) * args.tokens)
+    (out * loss_weights(args, me.world)[rows]).sum().backward()
+    dist.all_reduce(moe.router.weight.grad)  # replicated weight: sum the ranks' contributions
+    grads = {name: p.grad for name, p in moe.named_parameters()}
+    print(f"rank {me.rank} holds experts {list(mine)}; its tokens chose {traffic['tokens_per_expert_sent']}, "
+          f"{traffic['remote_tokens']} of {args.tokens} went to the other rank")  # fmt: skip
+    save_result({"rank": me.rank, "experts": list(mine), **traffic,
+                 "parameters": sum(p.numel() for p in moe.parameters()),
+                 "tensors": save_tensors("moe", {"out": out.detach(), **grads})})  # fmt: skip
+    del moe
+    finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The SLURM launch files a learner takes to a cluster: valid bash, launcher arguments the launchers' own parsers
+accept, and, run on this machine with stand-ins for srun and scontrol, two real "nodes" that train like one process."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_lib.launch import LaunchError
+from course_lib.local_cluster import sbatch_locally
+from course_lib.parallel import ddp
+
+CLUSTER = Path(__file__).resolve().parents[1] / "notebooks" / "cluster"
+TORCHRUN, DEEPSPEED = CLUSTER / "torchrun_ddp.sbatch", CLUSTER / "deepspeed_zero.sbatch"
+
+
+@pytest.mark.parametrize("script", [TORCHRUN, DEEPSPEED], ids=lambda p: p.name)
+def test_the_launch_files_are_valid_bash_asking_slurm_for_two_nodes(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
+
+
+def test_torchrun_file_gives_each_node_arguments_torchrun_accepts():
+    from torch.distributed.run import get_args_parser
+
+    job = sbatch_locally(TORCHRUN, ["--steps", "4"], nodes=2, gpus_per_node=3, dry_run=True)
+    assert len(job.launcher_args) == 2 and job.launcher_args[0] == job.launcher_args[1]  # rendezvous assigns ranks
+    assert job.launcher_args[0][:2] == ["-m", "torch.distributed.run"]
+    parsed = get_args_parser().parse_args(job.launcher_args[0][2:])
+    assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend) == ("2", "3", "c10d")
+    assert parsed.rdzv_endpoint.startswith("localhost:") and parsed.max_restarts == 3
+    assert parsed.module and parsed.training_script == "course_lib.parallel.elastic"
+    assert parsed.training_script_args[-2:] == ["--steps", "4"]
+
+
+def test_deepspeed_file_gives_each_node_its_own_node_rank_and_no_ssh():
+    from deepspeed.launcher.runner import parse_args
+
+    job = sbatch_locally(DEEPSPEED, ["--zero-stage", "3"], nodes=2, gpus_per_node=3, dry_run=True)
+    parsed = [parse_args(args[2:]) for args in job.launcher_args]
+    assert [p.node_rank for p in parsed] == [0, 1]
+    assert all(p.no_ssh and p.num_nodes == 2 and p.num_gpus == 3 and p.master_addr == "localhost" for p in parsed)
+    assert all(p.module and p.user_script == "course_lib.parallel.deepspeed_train" for p in parsed)
+    assert parsed[0].user_args == ["--zero-stage", "3"]
+
+
+def test_torchrun_file_runs_two_nodes_here_that_train_like_one_process(tmp_path):
+    job = sbatch_locally(TORCHRUN, ["--steps", "4", "--dtype", "float64"], result_dir=tmp_path, show_output=False)
+    assert [r["rank"] for r in job.results] == [0, 1]
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"]))
+    weights = torch.load(job.results[0]["weights"])
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(weights[name], expected, atol=1e-10, rtol=0)
+
+
+def test_deepspeed_file_runs_two_nodes_here_that_train_like_one_process(tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = ["--steps", "4", "--zero-stage", "2", "--bucket-elements", "1000000", "--save-checkpoint"]
+    job = sbatch_locally(DEEPSPEED, args, result_dir=tmp_path, timeout=300, show_output=False)
+    weights = get_fp32_state_dict_from_zero_checkpoint(job.results[0]["checkpoint"], tag="final")
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4"]))
+    for name, expected in reference.named_parameters():
+        torch.testing.assert_close(weights[name].float(), expected.detach(), atol=1e-5, rtol=0)
+
+
+def test_a_job_whose_ranks_fail_raises_with_their_error(tmp_path):
+    with pytest.raises(LaunchError, match="zero_optimization.stage must be 0, 1, 2 or 3, got 7"):
+        sbatch_locally(DEEPSPEED, ["--zero-stage", "7"], result_dir=tmp_path, show_output=False)
+
+
+def test_bad_requests_are_refused_before_anything_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.sbatch"):
+        sbatch_locally(tmp_path / "missing.sbatch")
+    with pytest.raises(ValueError, match="nodes must be 1 or 2"):
+        sbatch_locally(TORCHRUN, nodes=3)
+    with pytest.raises(ValueError, match="gpus_per_node must be a positive int"):
+        sbatch_locally(TORCHRUN, gpus_per_node=0)
