@@ -304,7 +304,9 @@ class Cluster:
 @dataclass(frozen=True)
 class Plan:
     """One way to lay a training run out on a cluster, with its memory per GPU and an estimated step time
-    (compute at an assumed MFU, plus the pipeline bubble and the communication, not overlapped: an upper bound)."""
+    (compute at an assumed MFU, plus the pipeline bubble and the communication, not overlapped: an upper bound).
+    GPUs are numbered tensor-parallel first, then data-parallel, then pipeline stage (Megatron's order), so a
+    tensor-parallel group shares a node and the pipeline's neighbours are the farthest apart."""
 
     parallel: Parallelism
     memory: MemoryBreakdown
@@ -312,11 +314,12 @@ class Plan:
     compute_s: float
     bubble_s: float
     tensor_comm_s: float
+    pipeline_comm_s: float
     data_comm_s: float
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.tensor_comm_s + self.data_comm_s
+        return self.compute_s + self.bubble_s + self.tensor_comm_s + self.pipeline_comm_s + self.data_comm_s
 
 
 def _divisors(n: int) -> list[int]:
@@ -333,8 +336,10 @@ def plan_parallelism(
     mfu: float = 0.5,
 ) -> list[Plan]:
     """Every layout of the cluster's GPUs as data × tensor × pipeline parallel (tensor parallelism inside a node
-    and dividing the heads, pipeline stages dividing the layers) × ZeRO stage, with micro-batches of one sequence;
-    best first: plans that fit before plans that do not, then by estimated step time."""
+    and dividing the heads, at most one pipeline stage per layer) × ZeRO stage, with micro-batches of one sequence.
+    Best first: plans that fit before plans that do not, then by estimated step time, then by memory (headroom).
+    Stages that do not divide the layers evenly are costed as the average stage (frameworks balance them, counting
+    the embeddings too)."""
     _positive_int("seq", seq)
     _positive_int("global_batch", global_batch)
     if not 0 < mfu <= 1:
@@ -345,7 +350,7 @@ def plan_parallelism(
     for tp in _divisors(cluster.gpus_per_node):
         if shape.n_head % tp:
             continue
-        for pp in _divisors(shape.n_layer):
+        for pp in range(1, shape.n_layer + 1):
             if cluster.gpus % (tp * pp) or global_batch % (cluster.gpus // (tp * pp)):
                 continue
             dp = cluster.gpus // (tp * pp)
@@ -355,6 +360,10 @@ def plan_parallelism(
             tensor_comm_s = (4 * 2 * (tp - 1) / tp * activation_bytes_ * shape.n_layer / pp * micro_batches
                              / cluster.intra_node_bytes_per_s)  # fmt: skip
             bubble_s = compute_s * (pp - 1) / micro_batches
+            # each micro-batch's activation goes to the next stage forward and its gradient back, split over tp
+            pipeline_link = cluster.intra_node_bytes_per_s if tp * dp * pp <= cluster.gpus_per_node else \
+                cluster.inter_node_bytes_per_s  # fmt: skip
+            pipeline_comm_s = (pp > 1) * micro_batches * 2 * activation_bytes_ / tp / pipeline_link
             link = cluster.inter_node_bytes_per_s if dp * tp > cluster.gpus_per_node else cluster.intra_node_bytes_per_s
             local_params = shape.n_params / (tp * pp)
             for stage in range(4):
@@ -363,5 +372,5 @@ def plan_parallelism(
                 passes = 3 if stage == 3 else 2  # ZeRO-3 all-gathers weights twice and reduce-scatters gradients
                 data_comm_s = passes * (dp - 1) / dp * local_params * recipe.gradient_bytes / link
                 plans.append(Plan(parallel, memory, memory.total <= cluster.gpu_bytes, compute_s, bubble_s,
-                                  tensor_comm_s, data_comm_s))  # fmt: skip
-    return sorted(plans, key=lambda p: (not p.fits, p.step_s))
+                                  tensor_comm_s, pipeline_comm_s, data_comm_s))  # fmt: skip
+    return sorted(plans, key=lambda p: (not p.fits, p.step_s, p.memory.total))

@@ -104,6 +104,9 @@ def test_cache_path_is_under_data_cache_and_checks_the_name():
 
 def test_published_figures_each_keep_their_source():
     figures = published_figures()
-    entries = [*figures["models"].values(), figures["zero_figure_1"], figures["a100_bf16_dense_flops"]]
+    entries = [*figures["models"].values(), *figures["trainings"].values(), figures["zero_figure_1"],
+               *figures["interconnects_bytes_per_s"].values(), figures["a100_bf16_dense_flops"]]
     assert all(isinstance(e.get("source"), str) and len(e["source"]) > 20 for e in entries)
     assert {"GPT-2 small", "LLaMA-2 7B", "LLaMA-2 70B", "GPT-3 175B"} <= figures["models"].keys()
+    for training in figures["trainings"].values():  # a published layout must use exactly its GPUs
+        assert training["tp"] * training["pp"] * training["dp"] == training["gpus"]

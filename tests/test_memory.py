@@ -184,13 +184,18 @@ def test_a_plan_by_hand():
     assert mine.bubble_s == pytest.approx(compute * (2 - 1) / 4)  # 8 sequences over dp=2: 4 micro-batches per pipeline
     assert mine.tensor_comm_s == pytest.approx(4 * 2 * (1 / 2) * 128 * 64 * 2 * (4 / 2) * 4 / 1e11)
     assert mine.data_comm_s == pytest.approx(2 * (1 / 2) * TINY.n_params / 4 * 2 / 1e11)  # dp x tp = 4 GPUs: one node
+    assert mine.pipeline_comm_s == pytest.approx(4 * 2 * 128 * 64 * 2 / 2 / 1e10)  # the pipeline spans both nodes
+    flat = next(p for p in plans if p.parallel == Parallelism(dp=4, tp=2, pp=1, zero_stage=1))
+    assert flat.pipeline_comm_s == 0 and flat.bubble_s == 0
     assert mine.memory == per_device_memory(TINY, 1, 128, RECIPES["mixed"], "adam", False, mine.parallel)
 
 
 def test_plans_that_fit_come_first_fastest_first():
     plans = plan_parallelism(TINY, cluster(), seq=128, global_batch=8)
     assert all(p.fits for p in plans) and plans[0].step_s == min(p.step_s for p in plans)
-    assert plans[0].parallel.pp == 1 and plans[0].parallel.zero_stage == 0  # no bubble, no ZeRO-3 traffic needed
+    assert plans[0].parallel.pp == 1 and plans[0].parallel.zero_stage == 2  # no bubble, no ZeRO-3 traffic needed
+    same_time = [p for p in plans if p.step_s == plans[0].step_s]  # ZeRO 0-2 cost the same traffic: least memory first
+    assert [p.parallel.zero_stage for p in same_time] == [2, 1, 0]
     states = TINY.n_params * 16
     tight = plan_parallelism(TINY, cluster(gpu_bytes=states / 3), seq=128, global_batch=8)
     assert all(p.fits for p in tight[: sum(p.fits for p in tight)]) and not tight[-1].fits
