@@ -43,7 +43,10 @@ def _as_array(value: Any) -> np.ndarray | None:
     """A float64 array for numeric values (tensors, arrays, numbers, nested lists), None otherwise."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", torch.float64).numpy()
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged, e.g. (8, ["0"]): not numeric, compared with ==
+        return None
     if array.dtype.kind in "biuf":
         return array.astype(np.float64)
     return None

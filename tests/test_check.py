@@ -89,3 +89,9 @@ def test_equal_infinities_agree_and_opposite_ones_do_not(capsys):
     assert "max |measured - expected| = 0" in printed and "shapes differ" not in printed
     with pytest.raises(AssertionError, match="differ beyond the tolerance"):
         claim("signs of infinity", [float("inf")], [float("-inf")])
+
+
+def test_ragged_values_compare_exactly_instead_of_crashing():
+    claim("a count and a list", (8, ["0"]), (8, ["0"]))
+    with pytest.raises(AssertionError):
+        claim("a count and a list", (8, ["0"]), (8, ["1"]))
