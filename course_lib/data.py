@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from course_lib.arguments import positive_int
 from course_lib.assets import package_dir
 
 VALIDATION_EVERY = 10
@@ -86,9 +87,8 @@ def shakespeare_corpus() -> Corpus:
 def _check_windows(data: torch.Tensor, batch_size: int, block_size: int) -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.is_floating_point():
         raise ValueError("data must be a 1-D integer tensor of token ids")
-    for name, value in (("batch_size", batch_size), ("block_size", block_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    positive_int("batch_size", batch_size)
+    positive_int("block_size", block_size)
     if len(data) < block_size + 1:
         raise ValueError(f"data has {len(data)} tokens; a window of block_size={block_size} needs {block_size + 1}")
 
@@ -142,8 +142,7 @@ def eval_batches(
     data: torch.Tensor, batch_size: int, block_size: int, n_batches: int, seed: int = 1234
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed list of batches, so every evaluation of a run (and of two runs) sees the same windows."""
-    if not isinstance(n_batches, int) or n_batches < 1:
-        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+    positive_int("n_batches", n_batches)
     stream = random_batches(data, batch_size, block_size, seed)
     return [next(stream) for _ in range(n_batches)]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from course_lib.arguments import positive_int
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu", "nvme")
 
@@ -69,20 +71,12 @@ def build(settings: DeepSpeedSettings) -> dict:
     return config
 
 
-def _positive_int(config: dict, key: str) -> int:
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{key} must be a positive int, got {value!r}")
-    return value
-
-
 def validate(config: dict, world_size: int) -> None:
     """Raise ValueError naming the first field that is missing or inconsistent."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    micro = _positive_int(config, "train_micro_batch_size_per_gpu")
-    accumulation = _positive_int(config, "gradient_accumulation_steps")
-    batch = _positive_int(config, "train_batch_size")
+    positive_int("world_size", world_size)
+    micro = positive_int("train_micro_batch_size_per_gpu", config.get("train_micro_batch_size_per_gpu"))
+    accumulation = positive_int("gradient_accumulation_steps", config.get("gradient_accumulation_steps"))
+    batch = positive_int("train_batch_size", config.get("train_batch_size"))
     if batch != micro * accumulation * world_size:
         raise ValueError(
             f"train_batch_size={batch} must equal train_micro_batch_size_per_gpu × gradient_accumulation_steps × "

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from course_lib.arguments import positive_int
+
 RESULT_DIR_ENV = "COURSE_RESULT_DIR"  # where an entry point writes rank{r}.json and any tensors it saves
 PREFIX_RANK_ENV = "COURSE_PREFIX_RANK"  # "1": the ranks tag their own lines (launchers that do not, DeepSpeed's)
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -82,8 +84,7 @@ def _check_args(module: str, nproc: int, timeout: float, threads_per_rank: int, 
     if not isinstance(module, str) or importlib.util.find_spec(module) is None:
         raise ValueError(f"module must name an importable entry point, e.g. 'course_lib.parallel.ddp', got {module!r}")
     for name, value in (("nproc", nproc), ("threads_per_rank", threads_per_rank), ("nnodes", nnodes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(name, value)
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if launcher not in LAUNCHERS:

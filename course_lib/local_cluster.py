@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from course_lib.arguments import positive_int
 from course_lib.launch import free_port, run_commands
 
 NODE_NAMES = ("localhost", "127.0.0.1")  # one machine, two names: one per "node"
@@ -79,8 +80,7 @@ def sbatch_locally(
         raise FileNotFoundError(f"script {str(script)!r} does not exist")
     if not isinstance(nodes, int) or not 1 <= nodes <= len(NODE_NAMES):
         raise ValueError(f"nodes must be 1 or 2 (this machine has {len(NODE_NAMES)} names), got {nodes!r}")
-    if not isinstance(gpus_per_node, int) or isinstance(gpus_per_node, bool) or gpus_per_node < 1:
-        raise ValueError(f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    positive_int("gpus_per_node", gpus_per_node)
     with tempfile.TemporaryDirectory(prefix="course-sbatch-") as scratch:
         scratch = Path(scratch)
         stand_ins, records = scratch / "bin", scratch / "records"

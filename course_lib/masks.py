@@ -16,14 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from course_lib.arguments import positive_int
+
 PADDING_SIDES = ("right", "left")
 IGNORE_INDEX = -100  # the label torch's cross_entropy skips: positions that carry no loss
-
-
-def _check_size(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_2d_bool(name: str, mask: object, meaning: str) -> torch.Tensor:
@@ -43,7 +39,7 @@ def causal_mask(size: int, device: torch.device | str | None = None, n_past: int
 
     Masking the upper triangle is what keeps a language model from reading the token it must predict.
     """
-    _check_size("size", size)
+    positive_int("size", size)
     if not isinstance(n_past, int) or isinstance(n_past, bool) or n_past < 0:
         raise ValueError(f"n_past must be an int >= 0, got {n_past!r}")
     return torch.ones(size, n_past + size, dtype=torch.bool, device=device).tril(n_past)
@@ -64,7 +60,7 @@ def token_mask_from_lengths(
     longest = int(lengths.max())
     if max_len is None:
         max_len = max(longest, 1)
-    _check_size("max_len", max_len)
+    positive_int("max_len", max_len)
     if longest > max_len:
         raise ValueError(f"max_len={max_len} is shorter than the longest sequence, {longest}")
     positions = torch.arange(max_len)
@@ -178,7 +174,7 @@ def mlm_mask(
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor of shape (B, T)")
-    _check_size("vocab_size", vocab_size)
+    positive_int("vocab_size", vocab_size)
     if (input_ids < 0).any() or (input_ids >= vocab_size).any():
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size})")
     special = sorted(set(int(i) for i in special_token_ids))

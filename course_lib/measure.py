@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from course_lib.arguments import positive_int
+
 T = TypeVar("T")
 
 
@@ -95,10 +97,8 @@ def net_allocated_bytes(fn: Callable[[], T]) -> tuple[T, int]:
 def matmul_flops_per_s(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The best FLOP rate of a (size x size) @ (size x size) matmul over `repeats` runs (2·size³ FLOPs each):
     what this machine can do at best, the denominator of model FLOPs utilisation."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    positive_int("size", size)
+    positive_int("repeats", repeats)
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm up: first-call costs are not the machine's speed
     best = float("inf")

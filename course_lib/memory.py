@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from course_lib.arguments import positive_int
+
 GB = 1e9  # GPU memory is sold in decimal gigabytes
 ADAM_STATES = {"adam": 2, "sgd_momentum": 1, "sgd": 0}  # fp32 tensors per parameter the optimizer keeps
 
@@ -74,12 +76,6 @@ RECIPES = {
 }
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes a memory or FLOP formula needs. `mlp="gelu"` is GPT-2's two-matrix MLP (biases, LayerNorm with
@@ -98,14 +94,14 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "d_model", "n_head", "vocab_size", "context"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.n_kv_head is not None and (_positive_int("n_kv_head", self.n_kv_head) > self.n_head
+        if self.n_kv_head is not None and (positive_int("n_kv_head", self.n_kv_head) > self.n_head
                                            or self.n_head % self.n_kv_head):  # fmt: skip
             raise ValueError(f"n_kv_head must divide n_head={self.n_head}, got {self.n_kv_head}")
         if self.d_ff is not None:
-            _positive_int("d_ff", self.d_ff)
+            positive_int("d_ff", self.d_ff)
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
 
@@ -176,8 +172,8 @@ def activation_elements_per_layer(shape: ModelShape, batch: int, seq: int, atten
     LayerNorm inputs and outputs (4 BTd) and their mean and 1/std (4 BT), q, k, v (BT(d + 2 kv)), the attention
     output (BTd), the MLP's hidden pre- and post-activation (2 BT d_ff). Fused attention (SDPA, flash) keeps one
     log-sum-exp per query and head (BHT); a plain implementation keeps the BHT² softmax probabilities instead."""
-    _positive_int("batch", batch)
-    _positive_int("seq", seq)
+    positive_int("batch", batch)
+    positive_int("seq", seq)
     bt, d = batch * seq, shape.d_model
     mlp = (2 if shape.mlp == "gelu" else 4) * shape.hidden
     per_token = 4 * d + 4 + d + 2 * shape.kv_dim + d + mlp
@@ -202,8 +198,8 @@ def activation_bytes(
 def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, bytes_per_element: int = 2) -> int:
     """Keys and values of every layer for `seq` tokens of `batch` sequences: 2·L·n_kv·d_head·T·B·bytes. Grouped-
     query attention shrinks it by n_head / n_kv_head."""
-    _positive_int("batch", batch)
-    _positive_int("seq", seq)
+    positive_int("batch", batch)
+    positive_int("seq", seq)
     return 2 * shape.n_layer * shape.kv_heads * shape.head_size * seq * batch * bytes_per_element
 
 
@@ -211,7 +207,7 @@ def training_flops_per_token(shape: ModelShape, seq: int, checkpointing: bool = 
     """Matmul FLOPs to train on one token at context `seq`: forward 2N + attention 4·L·T·d (QKᵀ and the weighted
     sum over all T keys), backward twice the forward (6N in all). Activation checkpointing runs the blocks'
     forward once more, which makes it about 8N (the LM head is not recomputed)."""
-    _positive_int("seq", seq)
+    positive_int("seq", seq)
     attention = 4 * shape.n_layer * seq * shape.d_model
     forward = 2 * shape.matmul_params + attention
     recompute = 2 * (shape.matmul_params - shape.vocab_size * shape.d_model) + attention if checkpointing else 0
@@ -222,7 +218,7 @@ def matmul_intensity(m: int, k: int, n: int, bytes_per_element: int = 2) -> floa
     """FLOPs per byte moved of (m×k) @ (k×n): 2mkn / ((mk + kn + mn)·bytes). Decoding one token per sequence
     has m = batch, so reading the weights (k×n) dominates and the GPU waits on memory; prefill has m = batch·T."""
     for name, value in (("m", m), ("k", k), ("n", n), ("bytes_per_element", bytes_per_element)):
-        _positive_int(name, value)
+        positive_int(name, value)
     return 2 * m * k * n / ((m * k + k * n + m * n) * bytes_per_element)
 
 
@@ -238,7 +234,7 @@ class Parallelism:
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
 
@@ -292,8 +288,8 @@ class Cluster:
     inter_node_bytes_per_s: float
 
     def __post_init__(self) -> None:
-        _positive_int("gpus", self.gpus)
-        _positive_int("gpus_per_node", self.gpus_per_node)
+        positive_int("gpus", self.gpus)
+        positive_int("gpus_per_node", self.gpus_per_node)
         if self.gpus % self.gpus_per_node:
             raise ValueError(f"gpus={self.gpus} must be whole nodes of gpus_per_node={self.gpus_per_node}")
         for name in ("gpu_bytes", "peak_flops", "intra_node_bytes_per_s", "inter_node_bytes_per_s"):
@@ -340,8 +336,8 @@ def plan_parallelism(
     Best first: plans that fit before plans that do not, then by estimated step time, then by memory (headroom).
     Stages that do not divide the layers evenly are costed as the average stage (frameworks balance them, counting
     the embeddings too)."""
-    _positive_int("seq", seq)
-    _positive_int("global_batch", global_batch)
+    positive_int("seq", seq)
+    positive_int("global_batch", global_batch)
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu!r}")
     plans = []

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from course_lib.arguments import positive_int
 from course_lib.masks import IGNORE_INDEX
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -44,8 +45,7 @@ class TrainConfig:
     loss_scaling: bool = True  # fp16 only: scale the loss (torch.amp.GradScaler) so small gradients survive
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        positive_int("steps", self.steps)
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.min_lr <= self.lr:
