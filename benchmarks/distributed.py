@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from course_lib.launch import launch
+from course_lib.parallel.pipeline import idle_fractions
 
 DDP_ARGS = ["--steps", "30", "--batch", "16", "--block", "64", "--width", "128", "--layers", "3"]
 SIZES = [1_000, 10_000, 100_000, 1_000_000, 4_000_000]
@@ -43,9 +44,8 @@ def main() -> None:
                 results = launch("course_lib.parallel.pipeline", ["--schedule", schedule, "--microbatches", m,
                                  "--batch", 16, "--sleep-ms", 20], nproc=2, result_dir=Path(scratch) / f"{schedule}{m}",
                                  show_output=False)  # fmt: skip
-                last = [r["steps"][-1] for r in results]
-                span = max(s["end"] for s in last) - min(s["start"] for s in last)
-                idle = statistics.mean(1 - sum(e[3] - e[2] for e in s["events"]) / span for s in last)
+                stages, span = idle_fractions(results)
+                idle = statistics.mean(stages)
                 print(f"  {schedule:8} {m:>3} {idle:9.1%} {1 / (m + 1):14.1%} {1e3 * span:10.0f}")
 
 

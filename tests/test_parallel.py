@@ -230,3 +230,10 @@ def test_resuming_without_the_data_position_trains_differently(tmp_path):
     _, weights = elastic_run(["--forget-data-position"], tmp_path)
     reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "8", "--dtype", "float64"]))
     assert not torch.allclose(weights["lm_head.weight"], reference.lm_head.weight.detach(), atol=1e-6)
+
+
+def test_idle_fractions_measure_each_stage_against_the_whole_step():
+    stage0 = {"start": 0.0, "end": 3.0, "events": [("F", 0, 0.0, 1.0), ("B", 0, 2.0, 3.0)]}  # busy 2 of 4
+    stage1 = {"start": 1.0, "end": 4.0, "events": [("F", 0, 1.0, 2.0), ("B", 0, 2.0, 4.0)]}  # busy 3 of 4
+    idle, span = pipeline.idle_fractions([{"steps": [{}, stage0]}, {"steps": [{}, stage1]}])
+    assert span == 4.0 and idle == [0.5, 0.25]

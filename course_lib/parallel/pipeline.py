@@ -129,6 +129,14 @@ def max_in_flight(events: list) -> int:
     return most
 
 
+def idle_fractions(results: list[dict]) -> tuple[list[float], float]:
+    """The measured bubble of a run's last step: each stage's idle share, 1 - (its busy time) / span, where the span
+    runs from the first stage's start to the last stage's end; and the span in seconds."""
+    last = [r["steps"][-1] for r in results]
+    span = max(s["end"] for s in last) - min(s["start"] for s in last)
+    return [1 - sum(end - begin for _, _, begin, end in s["events"]) / span for s in last], span
+
+
 def single_process_run(args: argparse.Namespace) -> tuple[GPT, list[float]]:
     """The reference: the unsplit model, each whole batch at once, plain SGD."""
     model = build(args)
