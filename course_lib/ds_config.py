@@ -4,6 +4,11 @@ A DeepSpeed config is a JSON dict whose fields must agree with each other and wi
 must equal micro-batch × accumulation × world size, offloading parameters needs ZeRO stage 3, fp16 and bf16
 exclude each other, and so on. DeepSpeed reports some of these late or not at all; `validate` reports each one
 by the field's name, up front.
+
+The learning-rate schedule can stay with the training loop (the course's `lr_at`, set every step: the default) or
+be handed to DeepSpeed as a `scheduler` entry (`schedule="warmup_cosine"`: its WarmupCosineLR, linear warmup).
+The two curves are not the same (chapter 13 shows the off-by-one), so a run compared with the course's reference
+keeps the loop's.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from course_lib.arguments import positive_int
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu", "nvme")
+SCHEDULES = ("loop", "warmup_cosine")  # who sets the learning rate: the training loop, or DeepSpeed's scheduler
+DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,20 @@ class DeepSpeedSettings:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
+    schedule: str = "loop"
+    warmup_steps: int = 2  # warmup_cosine: steps from 0 up to lr
+    total_steps: int | None = None  # warmup_cosine: the step at which the cosine reaches min_lr
+    min_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "warmup_cosine" and self.total_steps is None:
+            raise ValueError("schedule='warmup_cosine' needs total_steps")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
         for kind in ("offload_optimizer", "offload_param"):
             if getattr(self, kind) not in OFFLOADS:
                 raise ValueError(f"{kind} must be one of {OFFLOADS}, got {getattr(self, kind)!r}")
@@ -42,7 +59,8 @@ class DeepSpeedSettings:
 
 def build(settings: DeepSpeedSettings) -> dict:
     """The DeepSpeed config for these settings (validated). The optimizer is torch's AdamW ("torch_adam": no
-    compiled kernel needed); the learning rate is set by the course's training loop every step."""
+    compiled kernel needed); the learning rate is set by the training loop every step unless `schedule` hands it
+    to DeepSpeed's WarmupCosineLR."""
     config = {
         "train_batch_size": settings.micro_batch * settings.accumulation * settings.world_size,
         "train_micro_batch_size_per_gpu": settings.micro_batch,
@@ -57,6 +75,15 @@ def build(settings: DeepSpeedSettings) -> dict:
     }  # fmt: skip
     if settings.grad_clip is not None:
         config["gradient_clipping"] = settings.grad_clip
+    if settings.schedule == "warmup_cosine":
+        params = {
+            "total_num_steps": settings.total_steps,
+            "warmup_num_steps": settings.warmup_steps,
+            "warmup_min_ratio": 0.0,
+            "warmup_type": "linear",
+            "cos_min_ratio": settings.min_lr / settings.lr,
+        }
+        config["scheduler"] = {"type": "WarmupCosineLR", "params": params}
     if settings.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif settings.precision == "fp16":
@@ -102,3 +129,26 @@ def validate(config: dict, world_size: int) -> None:
     clip = config.get("gradient_clipping", 0.0)
     if not isinstance(clip, (int, float)) or clip < 0:
         raise ValueError(f"gradient_clipping must be a number >= 0 (0 = off), got {clip!r}")
+    if "scheduler" in config:
+        _validate_scheduler(config["scheduler"])
+
+
+def _validate_scheduler(scheduler: dict) -> None:
+    if scheduler.get("type") not in DEEPSPEED_SCHEDULERS:
+        raise ValueError(f"scheduler.type must be one of {DEEPSPEED_SCHEDULERS}, got {scheduler.get('type')!r}")
+    if scheduler["type"] != "WarmupCosineLR":
+        return
+    params = scheduler.get("params", {})
+    total = positive_int("scheduler.params.total_num_steps", params.get("total_num_steps"))
+    warmup = params.get("warmup_num_steps", 1000)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or not 2 <= warmup <= total:
+        # DeepSpeed quietly raises 1 to 2 and only warns about a warmup longer than the run
+        raise ValueError(f"scheduler.params.warmup_num_steps must be an int in [2, total_num_steps={total}], "
+                         f"got {warmup!r}")  # fmt: skip
+    for ratio in ("warmup_min_ratio", "cos_min_ratio"):
+        value = params.get(ratio, 0.0)
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"scheduler.params.{ratio} must be in [0, 1], got {value!r}")
+    if params.get("warmup_type", "log") not in ("log", "linear"):
+        # DeepSpeed only warns and falls back to "log"
+        raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got {params['warmup_type']!r}")

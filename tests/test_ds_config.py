@@ -40,6 +40,15 @@ def valid() -> dict:
         ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, 2, "needs an nvme_path"),
         ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, 2, "fp16 and bf16 are both enabled"),
         ({"gradient_clipping": -1.0}, 2, "gradient_clipping must be a number >= 0"),
+        ({"scheduler": {"type": "Cosine"}}, 2, "scheduler.type must be one of"),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {}}}, 2, "total_num_steps must be a positive int"),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 1}}}, 2,
+         r"warmup_num_steps must be an int in \[2, total_num_steps=10\], got 1"),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10}}}, 2, "got 1000"),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2,
+                                                            "cos_min_ratio": 2.0}}}, 2, "cos_min_ratio must be in"),
+        ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2,
+                                                            "warmup_type": "cubic"}}}, 2, "'log' or 'linear'"),
         ({}, 0, "world_size must be a positive int"),
     ],
 )  # fmt: skip
@@ -55,8 +64,34 @@ def test_inconsistent_configs_are_refused_naming_the_field(change, world, messag
         ({"offload_optimizer": "disk"}, "offload_optimizer must be one of"),
         ({"micro_batch": 0}, "train_micro_batch_size_per_gpu must be a positive int"),
         ({"zero_stage": 0, "offload_optimizer": "cpu"}, "offload_optimizer needs ZeRO stage >= 1"),
+        ({"schedule": "cosine"}, "schedule must be one of"),
+        ({"schedule": "warmup_cosine"}, "needs total_steps"),
+        ({"min_lr": 1.0, "lr": 0.1}, r"min_lr must be in \[0, lr=0.1\]"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(DeepSpeedSettings(**({"micro_batch": 1} | kwargs)))
+
+
+def test_the_deepspeed_schedule_is_handed_over_and_lags_the_loops_by_two_steps():
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from course_lib.train import TrainConfig, lr_at
+
+    settings = DeepSpeedSettings(micro_batch=1, lr=1e-2, min_lr=1e-3, schedule="warmup_cosine", warmup_steps=4,
+                                 total_steps=20)  # fmt: skip
+    scheduler = build(settings)["scheduler"]
+    assert scheduler["type"] == "WarmupCosineLR" and "scheduler" not in build(DeepSpeedSettings(micro_batch=1))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=settings.lr)
+    schedule = WarmupCosineLR(optimizer, **scheduler["params"])
+    deepspeed_lrs = []
+    for _ in range(20):  # as the engine drives it: built before the first step, stepped after every optimizer step
+        deepspeed_lrs.append(optimizer.param_groups[0]["lr"])
+        schedule.step()
+    ours = [lr_at(step, TrainConfig(steps=20, lr=1e-2, min_lr=1e-3, warmup_steps=4)) for step in range(20)]
+    assert deepspeed_lrs[:2] == [0.0, 0.0]  # DeepSpeed's first two steps do not move the weights
+    assert deepspeed_lrs[2:5] == pytest.approx(ours[0:3])  # its warmup is the loop's, two steps late
+    assert max(ours) == pytest.approx(settings.lr) and max(deepspeed_lrs) < settings.lr  # it never reaches the peak
+    assert schedule.get_lr()[0] == pytest.approx(settings.min_lr)  # at total_num_steps: min_lr, as the loop's end
