@@ -52,7 +52,8 @@ def main() -> None:
     start = load_checkpoint(checkpoint, model, optimizer) if checkpoint.is_file() else 0
     wrapped = DistributedDataParallel(model)
     skip = 0 if args.forget_data_position else start  # the data stream is a function of the step: skip to it
-    batches = itertools.islice(ddp.shard_batches(x, y, args, me.rank, me.world), skip, None)
+    shards = itertools.islice(ddp.shard_batches(x, y, args, me.rank, me.world), skip, None)
+    batches = ((bx.to(me.device), by.to(me.device)) for bx, by in shards)
     if me.rank == 0:
         print(f"attempt {attempt}: starting at step {start}" + (" (from the checkpoint)" if start else ""))
     losses = []
@@ -69,7 +70,7 @@ def main() -> None:
             dist.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
     save_result({"rank": me.rank, "attempt": attempt, "started_at": start, "steps_run": len(losses),
                  "local_loss": losses, "weights": save_tensors("weights", dict(model.state_dict()))})  # fmt: skip
-    del wrapped, model, optimizer, batches
+    del wrapped, model, optimizer, batches, shards
     finish()
 
 

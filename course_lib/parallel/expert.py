@@ -128,12 +128,13 @@ def main() -> None:
     me = init()
     if args.experts % me.world:
         raise ValueError(f"--experts {args.experts} must be divisible by the number of ranks {me.world}")
-    moe = build(args)
+    moe = build(args).to(me.device)
     mine = range(me.rank * args.experts // me.world, (me.rank + 1) * args.experts // me.world)
     moe.keep_only(mine)
-    out, traffic = expert_parallel_forward(moe, rank_tokens(args, me.rank), unsort=not args.no_unsort)
+    tokens = rank_tokens(args, me.rank).to(me.device)
+    out, traffic = expert_parallel_forward(moe, tokens, unsort=not args.no_unsort)
     rows = slice(me.rank * args.tokens, (me.rank + 1) * args.tokens)
-    (out * loss_weights(args, me.world)[rows]).sum().backward()
+    (out * loss_weights(args, me.world)[rows].to(me.device)).sum().backward()
     dist.all_reduce(moe.router.weight.grad)  # replicated weight: sum the ranks' contributions
     grads = {name: p.grad for name, p in moe.named_parameters()}
     print(f"rank {me.rank} holds experts {list(mine)}; its tokens chose {traffic['tokens_per_expert_sent']}, "
