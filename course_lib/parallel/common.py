@@ -52,6 +52,7 @@ class Rank:
     rank: int
     world: int
     device: torch.device
+    attempt: int  # 0, then 1, 2, ... after each elastic restart by torchrun (--max-restarts)
 
 
 def init(timeout_s: float = 60.0) -> Rank:
@@ -69,11 +70,11 @@ def init(timeout_s: float = 60.0) -> Rank:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store itself
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout)  # fmt: skip
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group(pick_backend(device), store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout)  # fmt: skip
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return Rank(dist.get_rank(), dist.get_world_size(), device)
+    return Rank(dist.get_rank(), dist.get_world_size(), device, attempt)
 
 
 def result_dir() -> Path:

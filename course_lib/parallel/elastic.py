@@ -43,7 +43,6 @@ def parser():
 def main() -> None:
     args = parser().parse_args()
     me = init()
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     x, y, vocab_size = ddp.dataset(args)
     model = ddp.build(args, vocab_size).to(me.device)
     config = ddp.train_config(args)
@@ -55,10 +54,10 @@ def main() -> None:
     shards = itertools.islice(ddp.shard_batches(x, y, args, me.rank, me.world), skip, None)
     batches = ((bx.to(me.device), by.to(me.device)) for bx, by in shards)
     if me.rank == 0:
-        print(f"attempt {attempt}: starting at step {start}" + (" (from the checkpoint)" if start else ""))
+        print(f"attempt {me.attempt}: starting at step {start}" + (" (from the checkpoint)" if start else ""))
     losses = []
     for step in range(start, args.steps):
-        if attempt == 0 and me.rank == args.kill_rank and step == args.kill_at_step:
+        if me.attempt == 0 and me.rank == args.kill_rank and step == args.kill_at_step:
             print(f"rank {me.rank} is lost before step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         losses += train(wrapped, batches, config, optimizer=optimizer, progress=False, start_step=step,
@@ -68,7 +67,7 @@ def main() -> None:
                 save_checkpoint(checkpoint.with_suffix(".partial"), model, optimizer, step + 1)
                 checkpoint.with_suffix(".partial").replace(checkpoint)
             dist.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
-    save_result({"rank": me.rank, "attempt": attempt, "started_at": start, "steps_run": len(losses),
+    save_result({"rank": me.rank, "attempt": me.attempt, "started_at": start, "steps_run": len(losses),
                  "local_loss": losses, "weights": save_tensors("weights", dict(model.state_dict()))})  # fmt: skip
     del wrapped, model, optimizer, batches, shards
     finish()

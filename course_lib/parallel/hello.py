@@ -30,8 +30,7 @@ def main() -> None:
     print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}, pid {os.getpid()}")
     if me.rank == args.fail_rank:
         raise RuntimeError(f"rank {me.rank} was told to fail")
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun counts its restarts
-    if me.rank == args.kill_once_rank and attempt == 0:
+    if me.rank == args.kill_once_rank and me.attempt == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     if me.rank == args.hang_rank:
         while True:
@@ -40,7 +39,7 @@ def main() -> None:
     total = torch.tensor([float(me.rank)], device=me.device)
     dist.all_reduce(total)
     save_result({"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
-                 "sum_of_ranks": total.item(), "attempt": attempt, "node": int(node),
+                 "sum_of_ranks": total.item(), "attempt": me.attempt, "node": int(node),
                  "local_rank": int(os.environ["LOCAL_RANK"])})  # fmt: skip
     finish()
 
