@@ -37,6 +37,7 @@ LAUNCHERS = ("torchrun", "deepspeed")
 EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".torch_extensions"  # DeepSpeed's compiled ops (make setup)
 RANK_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")  # torchrun --tee prefixes each rank's lines like this
 TAIL_LINES = 40  # lines of a failing rank's output shown in the error
+LOCAL_NODE_NAMES = ("localhost", "127.0.0.1")  # this machine under two names: one per "node" in a hostfile
 
 
 class LaunchError(RuntimeError):
@@ -74,7 +75,7 @@ def _commands(launcher: str, module: str, args: list[str], nproc: int, nnodes: i
     if nnodes == 1:
         return [[*common, "--module", module, *args]]
     hostfile = scratch / "hostfile"  # the same machine under different names, one per "node"
-    hostfile.write_text("".join(f"{name} slots={nproc}\n" for name in ["localhost", "127.0.0.1"][:nnodes]))
+    hostfile.write_text("".join(f"{name} slots={nproc}\n" for name in LOCAL_NODE_NAMES[:nnodes]))
     return [[*common, "--hostfile", str(hostfile), "--num_nodes", str(nnodes), "--no_ssh", "--node_rank", str(node),
              "--module", module, *args] for node in range(nnodes)]  # fmt: skip
 
@@ -89,8 +90,9 @@ def _check_args(module: str, nproc: int, timeout: float, threads_per_rank: int, 
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-    if launcher == "deepspeed" and nnodes > 2:
-        raise ValueError("launcher='deepspeed' runs at most 2 nodes on one machine (one hostfile alias each)")
+    if launcher == "deepspeed" and nnodes > len(LOCAL_NODE_NAMES):
+        raise ValueError(f"launcher='deepspeed' runs at most {len(LOCAL_NODE_NAMES)} nodes on one machine "
+                         "(one hostfile alias each)")  # fmt: skip
     if not isinstance(max_restarts, int) or max_restarts < 0 or (max_restarts and launcher != "torchrun"):
         raise ValueError(f"max_restarts must be an int >= 0 (restarts need launcher='torchrun'), got {max_restarts!r}")
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib.arguments import positive_int
-from course_lib.launch import free_port, run_commands
-
-NODE_NAMES = ("localhost", "127.0.0.1")  # one machine, two names: one per "node"
+from course_lib.launch import LOCAL_NODE_NAMES, free_port, run_commands
 
 SRUN = """#!/bin/bash
 # stand-in for SLURM's srun: the command once per node, all at once, each task told its node number
@@ -78,8 +76,8 @@ def sbatch_locally(
     script = Path(script)
     if not script.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist")
-    if not isinstance(nodes, int) or not 1 <= nodes <= len(NODE_NAMES):
-        raise ValueError(f"nodes must be 1 or 2 (this machine has {len(NODE_NAMES)} names), got {nodes!r}")
+    if not isinstance(nodes, int) or not 1 <= nodes <= len(LOCAL_NODE_NAMES):
+        raise ValueError(f"nodes must be 1 or 2 (this machine has {len(LOCAL_NODE_NAMES)} names), got {nodes!r}")
     positive_int("gpus_per_node", gpus_per_node)
     with tempfile.TemporaryDirectory(prefix="course-sbatch-") as scratch:
         scratch = Path(scratch)
@@ -92,7 +90,7 @@ def sbatch_locally(
             "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}",
             "SLURM_JOB_ID": str(os.getpid()),
             "SLURM_JOB_NAME": "local-job",
-            "SLURM_JOB_NODELIST": ",".join(NODE_NAMES[:nodes]),
+            "SLURM_JOB_NODELIST": ",".join(LOCAL_NODE_NAMES[:nodes]),
             "SLURM_NNODES": str(nodes),
             "PYTHON": str(stand_ins / "python"),
             "COURSE_REAL_PYTHON": sys.executable,
