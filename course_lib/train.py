@@ -82,17 +82,23 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (weights of Linear and Embedding layers) only: decaying biases
-    and LayerNorm gains towards 0 would fight their role (a shift, a scale of 1) for no benefit."""
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups with weight decay on matrices (weights of Linear and Embedding layers) only: decaying
+    biases and LayerNorm gains towards 0 would fight their role (a shift, a scale of 1) for no benefit. For any
+    optimizer that takes groups (AdamW here, ZeroRedundancyOptimizer, DeepSpeed's engine)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW on `decay_groups`, with the config's learning rate and betas."""
+    return torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

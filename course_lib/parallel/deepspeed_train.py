@@ -27,7 +27,7 @@ from course_lib.ds_config import DeepSpeedSettings, build
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
 from course_lib.parallel.common import finish, result_dir, save_result
-from course_lib.train import make_optimizer, train
+from course_lib.train import decay_groups, train
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, zero_stage
                                  world_size=world, zero_stage=zero_stage, grad_clip=config.grad_clip, lr=config.lr,
                                  betas=config.betas, weight_decay=config.weight_decay,
                                  bucket_elements=args.bucket_elements)  # fmt: skip
-    decay_groups = make_optimizer(model, config).param_groups  # weight decay on matrices only, as the reference
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in decay_groups]
+    groups = decay_groups(model, config.weight_decay)  # weight decay on matrices only, as the reference
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
     shard = 0 if args.same_shard else rank
     batches = micro_batches(x, y, args, shard, world, accumulation)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
 from course_lib.parallel.common import finish, init, result_dir, save_result, save_tensors
-from course_lib.train import lm_loss, make_optimizer, train
+from course_lib.train import decay_groups, lm_loss, make_optimizer, train
 
 MODES = ("ddp", "zero1", "fsdp")
 
@@ -74,10 +74,11 @@ def main() -> None:
         wrapped = model
     else:
         wrapped = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
-    optimizer = make_optimizer(model, config)  # AdamW, weight decay on matrices only, as the reference run
-    if args.mode == "zero1":
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=config.lr, betas=config.betas)
+    if args.mode == "zero1":  # AdamW on the reference's groups, its state split over the ranks
+        optimizer = ZeroRedundancyOptimizer(decay_groups(model, config.weight_decay), optimizer_class=torch.optim.AdamW,
+                                            lr=config.lr, betas=config.betas)  # fmt: skip
+    else:
+        optimizer = make_optimizer(model, config)  # AdamW, weight decay on matrices only, as the reference run
     shard = 0 if args.same_shard else me.rank  # the negative control: the sampler forgotten, all read shard 0
     history = train(wrapped, ddp.shard_batches(x, y, args, shard, me.world), config, optimizer=optimizer,
                     progress=False)  # fmt: skip
