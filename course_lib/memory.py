@@ -343,6 +343,7 @@ def plan_parallelism(
     plans = []
     tokens = global_batch * seq
     compute_s = training_flops_per_token(shape, seq, checkpointing) * tokens / (cluster.gpus * cluster.peak_flops * mfu)
+    activation_bytes_ = seq * shape.d_model * recipe.activation_bytes  # one sequence's (seq x d) activation
     for tp in _divisors(cluster.gpus_per_node):
         if shape.n_head % tp:
             continue
@@ -351,7 +352,6 @@ def plan_parallelism(
                 continue
             dp = cluster.gpus // (tp * pp)
             micro_batches = global_batch // dp  # per pipeline and step, one sequence each
-            activation_bytes_ = seq * shape.d_model * recipe.activation_bytes
             # per layer 2 all-reduces forward + 2 backward of one (seq x d) activation, ring traffic, over NVLink
             tensor_comm_s = (4 * 2 * (tp - 1) / tp * activation_bytes_ * shape.n_layer / pp * micro_batches
                              / cluster.intra_node_bytes_per_s)  # fmt: skip

@@ -102,6 +102,11 @@ def save_tensors(name: str, tensors: dict[str, torch.Tensor]) -> str:
     return str(path)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank stores: a DTensor's local shard (FSDP2, tensor parallel), or the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def finish() -> None:
     """Leave the process group without the exit-time abort. Drop models and optimizers before calling."""
     gc.collect()

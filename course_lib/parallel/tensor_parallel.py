@@ -23,7 +23,7 @@ from torch import nn
 from course_lib.device import seed_everything
 from course_lib.measure import storage_bytes
 from course_lib.model import Block, GPTConfig
-from course_lib.parallel.common import finish, init, save_result, save_tensors
+from course_lib.parallel.common import finish, init, local, save_result, save_tensors
 
 COMMUNICATION: list[dict] = []  # every all-reduce of the explicit version: where, and how many bytes
 
@@ -175,8 +175,7 @@ def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int) 
                         "total_comms": {str(k): v for k, v in comms.get_comm_counts().items()}}  # fmt: skip
         tensors[f"{name}.out"], tensors[f"{name}.x_grad"] = out.detach(), xin.grad
         for pname, p in module.named_parameters():
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            tensors[f"{name}.{pname}.grad"] = grad
+            tensors[f"{name}.{pname}.grad"] = local(p.grad)
     return result | {"tensors": save_tensors("dtensor", tensors)}
 
 

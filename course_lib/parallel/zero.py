@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
-from course_lib.parallel.common import finish, init, result_dir, save_result, save_tensors
+from course_lib.parallel.common import finish, init, local, result_dir, save_result, save_tensors
 from course_lib.train import decay_groups, lm_loss, make_optimizer, train
 
 MODES = ("ddp", "zero1", "fsdp")
@@ -36,11 +36,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="store_true", help="fsdp: save a sharded checkpoint (DCP)")
     p.add_argument("--same-shard", action="store_true", help="every rank reads rank 0's shard (no sampler): wrong")
     return p
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The part of a tensor this rank stores: a DTensor's local shard, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
