@@ -192,7 +192,7 @@ def run_commands(
             PREFIX_RANK_ENV: str(int(ranks_tag_lines)),
         }
         env = os.environ | (env or {}) | ours
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))  # fmt: skip
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
         env.setdefault("DS_ACCELERATOR", deepspeed_accelerator())
         lines: queue.Queue = queue.Queue()
         processes = []
