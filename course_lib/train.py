@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from course_lib.arguments import positive_int
 from course_lib.masks import IGNORE_INDEX
+from course_lib.progress import progress as progress_bar
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -227,8 +227,7 @@ def train(
     end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
     history = History()
     model.train()
-    # mininterval: redraw at most once a second, so a long run sends the notebook a few hundred updates, not thousands
-    bar = tqdm(range(start_step, end), disable=not progress, desc="training", unit="step", mininterval=1.0)
+    bar = progress_bar(range(start_step, end), disable=not progress, desc="training", unit="step")
     for step in bar:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:

@@ -16,6 +16,7 @@ CONTENTS = NOTEBOOKS / "00_contents.ipynb"
 CHAPTERS = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb") if p != CONTENTS)
 KERNEL = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["course"]["kernel-name"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+CLAIM_CALL = re.compile(r"\b(claim|refute|claim_at_least|claim_at_most|claim_between)\(")
 
 
 def load(path):
@@ -80,7 +81,7 @@ def test_ends_with_summary_exercises_solutions_and_next_link(path):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=chapter_ids(CHAPTERS))
 def test_key_claims_are_asserted_with_claim(path):
-    calls = sum(len(re.findall(r"\b(claim|refute)\(", source(c))) for c in code_cells(load(path)))
+    calls = sum(len(CLAIM_CALL.findall(source(c))) for c in code_cells(load(path)))
     assert calls >= 3, f"only {calls} claim(...) calls: a chapter asserts at least three key claims"
 
 
