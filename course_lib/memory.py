@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 from course_lib.arguments import positive_int
 
-GB = 1e9  # GPU memory is sold in decimal gigabytes
+GiB = 2**30  # device memory is binary: an "80 GB" GPU holds 80 GiB (80 × 2³⁰ bytes)
 ADAM_STATES = {"adam": 2, "sgd_momentum": 1, "sgd": 0}  # fp32 tensors per parameter the optimizer keeps
 
 

@@ -107,13 +107,14 @@ def chapter06_minilm_attention(shown: dict[str, float]) -> torch.Tensor:
 
 
 def chapter08_memory(shown: dict[str, float]) -> torch.Tensor:
-    """Chapter 08's memory calculator: GB per device for LLaMA-2 7B as the notebook sets it up (mixed precision,
+    """Chapter 08's memory calculator: GiB per device for LLaMA-2 7B as the notebook sets it up (mixed precision,
     Adam, checkpointing), with the sliders as shown."""
     parallel = Parallelism(int(shown["data ∥"]), int(shown["tensor ∥"]), int(shown["pipeline ∥"]),
                            int(shown["ZeRO stage"]))  # fmt: skip
     memory = per_device_memory(PRESETS["LLaMA-2 7B"], int(shown["micro-batch"]), int(shown["sequence"]),
                                RECIPES["mixed"], "adam", True, parallel)  # fmt: skip
-    return torch.tensor([round(v / 1e9, 3) for v in (*memory.as_dict().values(), memory.total)], dtype=torch.float64)
+    return torch.tensor([round(v / 2**30, 3) for v in (*memory.as_dict().values(), memory.total)],
+                        dtype=torch.float64)
 
 
 CHAPTER05_SAMPLING_PROMPT = "JULIET.\nO Romeo, Romeo! wherefore art thou"
@@ -143,7 +144,7 @@ WIDGETS = [
     WidgetCase("06_bert_mlm.ipynb", "course-model-attention", "course-model-layer",
                "ArrowRight", "course-model-weight", chapter06_minilm_attention),
     WidgetCase("08_memory_and_compute.ipynb", "course-memory-calculator", "course-memory-zero",
-               "ArrowRight", "course-memory-gb", chapter08_memory),
+               "ArrowRight", "course-memory-gib", chapter08_memory),
 ]  # fmt: skip
 NOTEBOOKS = sorted({case.notebook for case in WIDGETS})
 

@@ -295,25 +295,25 @@ def test_encoder_attention_reads_a_real_pretrained_encoder():
 # The memory calculator
 
 
-def calculator_gb(calculator) -> list[float]:
-    return shown_numbers(calculator.table.value, "course-memory-gb").flatten().tolist()
+def calculator_gib(calculator) -> list[float]:
+    return shown_numbers(calculator.table.value, "course-memory-gib").flatten().tolist()
 
 
-def expected_gb(shape, batch, seq, recipe="mixed", optimizer="adam", checkpointing=False, parallel=None,
+def expected_gib(shape, batch, seq, recipe="mixed", optimizer="adam", checkpointing=False, parallel=None,
                 inference=False) -> list[float]:  # fmt: skip
     memory = per_device_memory(shape, batch, seq, RECIPES[recipe], optimizer, checkpointing,
                                parallel or Parallelism(), inference)  # fmt: skip
-    return [round(v / 1e9, 3) for v in (*memory.as_dict().values(), memory.total)]
+    return [round(v / 2**30, 3) for v in (*memory.as_dict().values(), memory.total)]
 
 
 def test_memory_calculator_default_shows_the_first_model_unsharded():
     calculator = MemoryCalculator()
     assert isinstance(calculator, widgets.VBox) and calculator.image.value.tobytes().startswith(PNG_MAGIC)
     gpt2 = PRESETS["GPT-2 small (124M)"]
-    assert calculator_gb(calculator) == expected_gb(gpt2, 1, 1024)
-    # 124,439,808 parameters x 16 bytes (2 + 2 + 12) = 1.99 GB of states: fits an 80 GB GPU
-    assert calculator_gb(calculator)[:3] == [0.249, 0.249, 1.493]
-    assert "fits in 80 GB" in calculator.verdict.value
+    assert calculator_gib(calculator) == expected_gib(gpt2, 1, 1024)
+    # 124,439,808 parameters x 16 bytes (2 + 2 + 12) = 1.85 GiB of states: fits an 80 GiB GPU
+    assert calculator_gib(calculator)[:3] == [0.232, 0.232, 1.391]
+    assert "fits in 80 GiB" in calculator.verdict.value
 
 
 def test_memory_calculator_controls_drive_the_numbers():
@@ -326,20 +326,20 @@ def test_memory_calculator_controls_drive_the_numbers():
     calculator.checkpointing.value = True
     calculator.zero.value, calculator.dp.value, calculator.tp.value, calculator.pp.value = 2, 8, 2, 4
     parallel = Parallelism(dp=8, tp=2, pp=4, zero_stage=2)
-    assert calculator_gb(calculator) == expected_gb(llama, 2, 4096, "fp32", "sgd_momentum", True, parallel)
+    assert calculator_gib(calculator) == expected_gib(llama, 2, 4096, "fp32", "sgd_momentum", True, parallel)
     calculator.inference.value = True
-    assert calculator_gb(calculator) == expected_gb(llama, 2, 4096, "fp32", inference=True, parallel=parallel)
+    assert calculator_gib(calculator) == expected_gib(llama, 2, 4096, "fp32", inference=True, parallel=parallel)
     calculator.model.value = "GPT-2 small (124M)"  # a shorter context: the sequence follows
     assert calculator.seq.value == 1024 and calculator.seq.max == 1024
 
 
 def test_memory_calculator_says_when_it_does_not_fit_and_when_settings_are_impossible():
-    calculator = MemoryCalculator(model="GPT-3 175B", gpu_gb=80)
-    assert "does not fit in 80 GB" in calculator.verdict.value  # 175 B x 16 bytes = 2.8 TB on one GPU
+    calculator = MemoryCalculator(model="GPT-3 175B", gpu_gib=80)
+    assert "does not fit in 80 GiB" in calculator.verdict.value  # 175 B x 16 bytes = 2.5 TiB on one GPU
     calculator.tp.value = 5
     assert "tp=5 must divide n_head=96" in calculator.verdict.value and calculator.table.value == ""
     calculator.tp.value = 8
-    assert calculator_gb(calculator) == expected_gb(PRESETS["GPT-3 175B"], 1, 1024, parallel=Parallelism(tp=8))
+    assert calculator_gib(calculator) == expected_gib(PRESETS["GPT-3 175B"], 1, 1024, parallel=Parallelism(tp=8))
 
 
 @pytest.mark.parametrize(
@@ -347,7 +347,7 @@ def test_memory_calculator_says_when_it_does_not_fit_and_when_settings_are_impos
     [
         ({"model": "GPT-5"}, ValueError, "model must be one of"),
         ({"precision": "fp8"}, ValueError, "precision must be one of"),
-        ({"gpu_gb": 12}, ValueError, "gpu_gb must be one of"),
+        ({"gpu_gib": 12}, ValueError, "gpu_gib must be one of"),
         ({"presets": {"x": "not a shape"}}, TypeError, "presets must map names"),
     ],
 )

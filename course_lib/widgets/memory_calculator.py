@@ -1,6 +1,6 @@
 """The memory calculator: pick a model, a batch, a precision recipe, an optimizer, activation checkpointing or
 inference, a ZeRO stage and the data / tensor / pipeline degrees, and see the bytes on one device, by component,
-against a GPU's memory.
+against a GPU's memory, in GiB (2³⁰ bytes): GPU memory is binary, so an "80 GB" GPU holds 80 GiB.
 
 Every number is `course_lib.memory.per_device_memory`, the formulas chapter 08 checks against measurements, so
 the widget shows exactly what the chapter proved (and, for settings no laptop can run, what it predicts).
@@ -13,12 +13,12 @@ import html
 import ipywidgets as widgets
 from matplotlib.figure import Figure
 
-from course_lib.memory import GB, RECIPES, MemoryBreakdown, ModelShape, Parallelism, per_device_memory
+from course_lib.memory import RECIPES, GiB, MemoryBreakdown, ModelShape, Parallelism, per_device_memory
 from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "kv_cache")
 COLORS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c")
-GPU_MEMORY_GB = (24, 40, 80, 141)
+GPU_MEMORY_GIB = (24, 40, 80, 141)
 
 PRESETS = {
     "GPT-2 small (124M)": ModelShape("GPT-2 small", n_layer=12, d_model=768, n_head=12, vocab_size=50257,
@@ -34,7 +34,7 @@ PRESETS = {
 
 class MemoryCalculator(SnapshotMixin, widgets.VBox):
     def __init__(self, presets: dict[str, ModelShape] | None = None, model: str | None = None, seq: int = 1024,
-                 batch: int = 1, precision: str = "mixed", gpu_gb: int = 80) -> None:  # fmt: skip
+                 batch: int = 1, precision: str = "mixed", gpu_gib: int = 80) -> None:  # fmt: skip
         self.presets = PRESETS if presets is None else presets
         if not self.presets or not all(isinstance(s, ModelShape) for s in self.presets.values()):
             raise TypeError("presets must map names to course_lib.memory.ModelShape")
@@ -43,8 +43,8 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
             raise ValueError(f"model must be one of {list(self.presets)}, got {model!r}")
         if precision not in RECIPES:
             raise ValueError(f"precision must be one of {list(RECIPES)}, got {precision!r}")
-        if gpu_gb not in GPU_MEMORY_GB:
-            raise ValueError(f"gpu_gb must be one of {GPU_MEMORY_GB}, got {gpu_gb!r}")
+        if gpu_gib not in GPU_MEMORY_GIB:
+            raise ValueError(f"gpu_gib must be one of {GPU_MEMORY_GIB}, got {gpu_gib!r}")
         self.model = widgets.Dropdown(options=list(self.presets), value=model, description="model")
         self.seq = widgets.IntSlider(value=seq, min=1, max=self.presets[model].context, description="sequence")
         self.batch = widgets.IntSlider(value=batch, min=1, max=64, description="micro-batch")
@@ -57,7 +57,7 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
         self.dp = widgets.IntSlider(value=1, min=1, max=64, description="data ∥")
         self.tp = widgets.IntSlider(value=1, min=1, max=8, description="tensor ∥")
         self.pp = widgets.IntSlider(value=1, min=1, max=16, description="pipeline ∥")
-        self.gpu = widgets.Dropdown(options=[(f"{g} GB", g) for g in GPU_MEMORY_GB], value=gpu_gb, description="GPU")
+        self.gpu = widgets.Dropdown(options=[(f"{g} GiB", g) for g in GPU_MEMORY_GIB], value=gpu_gib, description="GPU")
         self.image = widgets.Image(format="png")
         self.table = widgets.HTML()
         self.verdict = widgets.HTML()
@@ -104,14 +104,14 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
             self.image.value = b""
             self.verdict.value = f'<p class="course-memory-error" style="color:#c53030">{html.escape(str(error))}</p>'
             return
-        rows = [[f"{getattr(memory, c) / GB:.3f}"] for c in COMPONENTS] + [[f"{memory.total / GB:.3f}"]]
+        rows = [[f"{getattr(memory, c) / GiB:.3f}"] for c in COMPONENTS] + [[f"{memory.total / GiB:.3f}"]]
         devices = Parallelism(self.dp.value, self.tp.value, self.pp.value).devices
         caption = f"{self.shape.name}: {self.shape.n_params / 1e9:.3g} B parameters, {devices} devices"
-        self.table.value = html_table(rows, [*COMPONENTS, "total"], ["GB per device"], "course-memory-gb", caption)
-        share = memory.total / (self.gpu.value * GB)
+        self.table.value = html_table(rows, [*COMPONENTS, "total"], ["GiB per device"], "course-memory-gib", caption)
+        share = memory.total / (self.gpu.value * GiB)
         color, word = ("#2f855a", "fits") if share <= 1 else ("#c53030", "does not fit")
         self.verdict.value = (f'<p class="course-memory-verdict" style="color:{color};font-weight:bold">'
-                              f"{word} in {self.gpu.value} GB ({share:.0%} of it)</p>")  # fmt: skip
+                              f"{word} in {self.gpu.value} GiB ({share:.0%} of it)</p>")  # fmt: skip
         self.image.value = figure_to_png(self.figure())
 
     def figure(self) -> Figure:
@@ -122,13 +122,13 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
         stages = [self.breakdown(stage) for stage in range(4)]
         bottom = [0.0] * 4
         for component, color in zip(COMPONENTS, COLORS, strict=True):
-            heights = [getattr(m, component) / GB for m in stages]
+            heights = [getattr(m, component) / GiB for m in stages]
             ax.bar(range(4), heights, bottom=bottom, color=color, label=component.replace("_", " "))
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        ax.axhline(self.gpu.value, color="black", linestyle="--", linewidth=1, label=f"{self.gpu.value} GB GPU")
+        ax.axhline(self.gpu.value, color="black", linestyle="--", linewidth=1, label=f"{self.gpu.value} GiB GPU")
         labels = [f"ZeRO {s}" + (" ◀" if s == self.zero.value else "") for s in range(4)]
         ax.set_xticks(range(4), labels)
-        ax.set_ylabel("GB per device")
+        ax.set_ylabel("GiB per device")
         ax.set_title(f"{self.shape.name}, dp={self.dp.value} tp={self.tp.value} pp={self.pp.value}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return fig
