@@ -15,7 +15,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # DeepSpeed's compiled ops live inside the project (ignored), built once by `make setup`.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: setup lab course test lint bench browser-deps screenshots clean
+.PHONY: setup lab course chapter test lint bench browser-deps screenshots clean
 
 setup: $(STAMP)
 
@@ -42,11 +42,16 @@ lab: setup
 
 # Executes every notebook in reading order, in place, so the committed notebooks carry their outputs.
 course: setup
-	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
-		echo "executing $$nb"; \
-		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
-			--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) "$$nb"; \
-	done
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do $(MAKE) --no-print-directory chapter NB="$$nb"; done
+
+# Executes one notebook in place and prints its wall time: make chapter NB=notebooks/05_training_a_small_gpt.ipynb
+chapter: setup
+	@test -f "$(NB)" || { echo "usage: make chapter NB=notebooks/NN_name.ipynb (got NB='$(NB)')"; exit 2; }
+	@echo "executing $(NB)"
+	@start=$$(date +%s); \
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --log-level=WARN \
+		--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) "$(NB)"; \
+	echo "$(NB): $$(( $$(date +%s) - start )) s"
 
 # The browser test drives Debian's chromium (never a browser downloaded by playwright). Installs it where it
 # can (root with apt); elsewhere says how, and the browser test skips itself.
