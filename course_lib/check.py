@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-SHORT = 120  # characters: longer values are summarised
+SHORT = 90  # characters of a claim's two values on its one line; beyond, only the measured one is shown
+DETAIL = 400  # characters of each value in the report of a claim that fails
 SMALL_ARRAY = 12  # elements: larger arrays are shown by shape and ends
 
 
@@ -93,8 +94,12 @@ def _ends(values: Any, text: Any) -> str:
     return ", ".join([*(text(v) for v in values[:3]), "…", *(text(v) for v in values[-2:])])
 
 
-def show(value: Any) -> str:
-    """A value in at most about 120 characters: small ones whole, long ones by size, start and ends."""
+def _size(array: np.ndarray) -> str:
+    return f"{array.size:,}" if array.ndim == 1 else str(tuple(array.shape))
+
+
+def show(value: Any, width: int = 60) -> str:
+    """A value in about `width` characters or fewer: small ones whole, long ones by size, start and ends."""
     array = _as_array(value)
     if array is not None:
         if _is_bool(value):
@@ -105,22 +110,23 @@ def show(value: Any) -> str:
             return number(array.item())
         if array.size <= SMALL_ARRAY:
             text = " ".join(np.array2string(array, precision=7, separator=", ").split())
-            if len(text) <= SHORT:
+            if len(text) <= width:
                 return text
-        flat = array.ravel()
-        shape = f"length {flat.size:,}" if array.ndim == 1 else f"shape {tuple(array.shape)}"
-        return f"{shape}: [{_ends(flat, lambda x: f'{x:.4g}')}]"
+        size = f"{'length' if array.ndim == 1 else 'shape'} {_size(array)}"
+        if (array == array.flat[0]).all():
+            return f"all {number(array.flat[0])} ({size})"
+        return f"{size}: [{_ends(array.ravel(), lambda x: f'{x:.4g}')}]"
     if isinstance(value, str):
-        return repr(value) if len(value) <= SHORT else f"{value[:60]!r}… ({len(value):,} characters)"
+        return repr(value) if len(value) <= width else f"{value[: width - 20]!r}… ({len(value):,} characters)"
     text = repr(value)
-    if len(text) <= SHORT:
+    if len(text) <= width:
         return text
     if isinstance(value, dict):
         items = [f"{k!r}: {v!r}"[:30] for k, v in list(value.items())[:3]]
         return f"dict of {len(value):,} items: {{{', '.join(items)}, …}}"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} of {len(value):,} items: [{_ends(value, lambda v: repr(v)[:30])}]"
-    return text[:SHORT] + "…"
+    return text[:width] + "…"
 
 
 def _compare(measured: Any, expected: Any, rtol: float, atol: float) -> tuple[bool, float | None]:
@@ -168,6 +174,7 @@ def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, ne
     holds, error = _compare(measured, expected, rtol, atol)
     passed = holds != negated
     m_text, e_text = show(measured), show(expected)
+    m_full, e_full = show(measured, DETAIL), show(expected, DETAIL)
     m, e = _as_array(measured), _as_array(expected)
     shapes_differ = m is not None and e is not None and m.shape != e.shape
     yes_no = _is_yes_no(measured, expected)
@@ -188,8 +195,8 @@ def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, ne
     why = "they agree, but were claimed to differ" if negated else "they differ beyond the tolerance"
     detail = (
         f"✗ {'refuted' if negated else 'claim'}: {name}\n"
-        f"    measured {m_text}{' (shapes differ)' if shapes_differ else ''}\n"
-        f"    expected {e_text}\n"
+        f"    measured {m_full}{' (shapes differ)' if shapes_differ else ''}\n"
+        f"    expected {e_full}\n"
         f"    tolerance rtol={rtol:g}, atol={atol:g}"
         + ("" if error is None else f", max |measured - expected| = {error:.3g}")
         + f"\n    {why}"
@@ -246,7 +253,7 @@ def _bound(name: str, measured: Any, low: Any, high: Any) -> None:
         extent = {"at least": f"smallest {number(m.min())}", "at most": f"largest {number(m.max())}",
                   "between": f"from {number(m.min())} to {number(m.max())}"}[kind]
         evidence = f"✓ {name}: all {m.size:,} values {relation} ({extent}, {margins})"
-    detail = (f"✗ claim: {name}\n    measured {show(measured)}\n    bound: {kind} {show(expected)}\n"
+    detail = (f"✗ claim: {name}\n    measured {show(measured, DETAIL)}\n    bound: {kind} {show(expected, DETAIL)}\n"
               f"    {margins}: the bound does not hold")
     _record(Claim(name, kind, measured, expected, passed, evidence), detail)
 

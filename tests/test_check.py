@@ -116,11 +116,12 @@ def test_ragged_values_compare_exactly_instead_of_crashing():
 
 def test_long_values_are_summarised_by_size_start_and_ends():
     play = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
-    assert show(play) == f"{play[:60]!r}… (2,440 characters)"
+    assert show(play) == f"{play[:40]!r}… (2,440 characters)"
     vocabulary = {chr(97 + i % 26) * (1 + i // 26): i for i in range(276)}
     assert show(vocabulary) == "dict of 276 items: {'a': 0, 'b': 1, 'c': 2, …}"
     assert show(list(range(1000))) == "length 1,000: [0, 1, 2, …, 998, 999]"
-    assert show(torch.zeros(4, 5)) == "shape (4, 5): [0, 0, 0, …, 0, 0]"
+    assert show(torch.zeros(4, 5)) == "all 0 (shape (4, 5))"
+    assert show(torch.arange(20.0).reshape(4, 5)) == "shape (4, 5): [0, 1, 2, …, 18, 19]"
     assert show([str(i) for i in range(300)]) == "list of 300 items: ['0', '1', '2', …, '298', '299']"
 
 
