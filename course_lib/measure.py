@@ -3,11 +3,14 @@
 Three instruments, each counting something different:
 - `storage_bytes`: the bytes behind a set of tensors, each storage counted once (a view or a tied weight
   shares its storage; "bytes per rank" in the distributed chapters means exactly this).
-- `saved_activation_bytes`: what autograd keeps from the forward pass for the backward pass, seen through
-  `torch.autograd.graph.saved_tensors_hooks` (parameters excluded: they are stored anyway).
+- `saved_activation_bytes` (and `saved_bytes_by_dtype`): what autograd keeps from the forward pass for the
+  backward pass, seen through `torch.autograd.graph.saved_tensors_hooks` (parameters excluded: they are stored
+  anyway).
 - `net_allocated_bytes`: what the profiler saw allocated and not freed while a function ran. tracemalloc cannot
-  see tensor memory and a process's RSS only grows, so on a CPU this is the honest "memory held afterwards".
-And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU).
+  see tensor memory, and a process's resident memory (RSS) counts everything the allocator keeps for the whole
+  process, so on a CPU this is the honest "memory held afterwards" of one call.
+And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU), and `last_level_cache_bytes`,
+the size a buffer must exceed for a timing to measure main memory rather than the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -42,21 +46,31 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(_storages(tensors).values())
 
 
-def saved_activation_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, int]:
-    """Run fn() and return (its result, the distinct bytes autograd saved for backward while it ran). Pass the
-    model's parameters as `exclude`: a Linear saves its weight too, but that memory is the parameters'."""
+def saved_bytes_by_dtype(fn: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, dict[torch.dtype, int]]:
+    """Run fn() and return (its result, the distinct bytes autograd saved for backward, by dtype). Under autocast
+    the split shows which saved tensors are 16-bit and which stayed fp32 (or int64, for token ids)."""
     excluded = set(_storages(exclude))
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[torch.dtype, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
+            saved[storage.data_ptr()] = (t.dtype, storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
-    return result, sum(saved.values())
+    by_dtype: dict[torch.dtype, int] = {}
+    for dtype, nbytes in saved.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return result, by_dtype
+
+
+def saved_activation_bytes(fn: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, int]:
+    """Run fn() and return (its result, the distinct bytes autograd saved for backward while it ran). Pass the
+    model's parameters as `exclude`: a Linear saves its weight too, but that memory is the parameters'."""
+    result, by_dtype = saved_bytes_by_dtype(fn, exclude)
+    return result, sum(by_dtype.values())
 
 
 @contextlib.contextmanager
@@ -107,3 +121,30 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 5, dtype: torch.dtype = 
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _cache_size(text: str) -> int:
+    """'107520K' (as Linux writes a cache size) -> bytes."""
+    text = text.strip()
+    if text and text[-1].upper() in _UNITS:
+        return int(text[:-1]) * _UNITS[text[-1].upper()]
+    return int(text)
+
+
+def last_level_cache_bytes(caches: Path = CPU_CACHES) -> int | None:
+    """The size of the CPU's last-level cache (the largest level Linux lists for cpu0), or None where the system
+    does not say (no /sys, as on macOS). A buffer timed to measure memory bandwidth must be larger than this,
+    or the timing measures the cache."""
+    levels = {}
+    for index in sorted(caches.glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            levels[int((index / "level").read_text())] = _cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+    return levels[max(levels)] if levels else None

@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.measure import matmul_flops_per_s, net_allocated_bytes, saved_activation_bytes, storage_bytes
+from course_lib.measure import (
+    last_level_cache_bytes,
+    matmul_flops_per_s,
+    net_allocated_bytes,
+    saved_activation_bytes,
+    saved_bytes_by_dtype,
+    storage_bytes,
+)
 
 
 def test_storage_bytes_counts_views_and_shared_tensors_once():
@@ -29,6 +36,18 @@ def test_saved_activation_bytes_sees_what_backward_needs_and_not_the_weights():
     assert out.shape == (5, 3)
     _, with_weight = saved_activation_bytes(lambda: layer(x).exp())
     assert with_weight == saved + 8 * 3 * 4
+
+
+def test_saved_bytes_by_dtype_splits_what_autocast_casts_from_what_stays_fp32():
+    layer = nn.Linear(8, 3, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, by_dtype = saved_bytes_by_dtype(lambda: layer(x).float().exp(), exclude=layer.parameters())
+    # the matmul saves bf16 casts of its input (5x8) and of the weight (8x3, a new tensor, not the parameter);
+    # exp runs in fp32 and saves its output (5x3)
+    assert by_dtype == {torch.bfloat16: (5 * 8 + 8 * 3) * 2, torch.float32: 5 * 3 * 4}
+    _, total = saved_activation_bytes(lambda: layer(x).float().exp(), exclude=layer.parameters())
+    assert total == (5 * 8 + 5 * 3) * 4  # without autocast: fp32 input and output, the weight excluded
 
 
 def test_nothing_is_saved_without_autograd():
@@ -59,3 +78,15 @@ def test_matmul_peak_is_a_positive_rate_and_arguments_are_checked():
 def test_the_profiler_logs_nothing_into_the_output(capfd):
     net_allocated_bytes(lambda: torch.ones(4))
     assert "profiler_st" not in capfd.readouterr().err
+
+
+def test_last_level_cache_is_the_largest_data_or_unified_level(tmp_path):
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "105M")]):  # fmt: skip
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "type").write_text(f"{kind}\n")
+        (folder / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 105 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") is None
