@@ -1,8 +1,17 @@
 import json
+import random
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from course_lib.tokenizer import ByteBPE, CharTokenizer, byte_to_char, pretokenize, train_hf_bpe
+from course_lib.tokenizer import (
+    ByteBPE,
+    CharTokenizer,
+    byte_to_char,
+    pretokenize,
+    split_on_special_tokens,
+    train_hf_bpe,
+)
 
 UNICODE = "Hello, wörld! Ünïcödé 東京 🙂 12345 — tabs\tand\nnewlines  ok"
 TEXT = ("to be or not to be that is the question whether tis nobler in the mind to suffer " * 20) + UNICODE
@@ -79,11 +88,15 @@ def test_bpe_reports_every_merge():
     assert seen == [(1, ("a", "a"), 6), (2, ("a", "b"), 3), (3, ("aa", "ab"), 3)]
 
 
-def test_hf_bpe_learns_the_same_merges_ids_and_encodings(bpe):
-    hf = train_hf_bpe([TEXT], 256 + 1 + 40, special_tokens=["<|endoftext|>"])
+def hf_merges_and_vocab(hf):
     state = json.loads(hf.backend_tokenizer.to_str())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
-    assert merges == bpe.merges and state["model"]["vocab"] == bpe.vocab
+    return merges, state["model"]["vocab"]
+
+
+def test_hf_bpe_learns_the_same_merges_ids_and_encodings(bpe):
+    hf = train_hf_bpe([TEXT], 256 + 1 + 40, special_tokens=["<|endoftext|>"])
+    assert hf_merges_and_vocab(hf) == (bpe.merges, bpe.vocab)
     for text in (UNICODE, TEXT[:200], ""):
         assert hf(text)["input_ids"] == bpe.encode(text)
         assert hf.decode(hf(text)["input_ids"]) == text
@@ -93,6 +106,131 @@ def test_hf_bpe_gives_special_tokens_their_roles():
     hf = train_hf_bpe([TEXT], 300, special_tokens=["[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]"])
     assert (hf.pad_token, hf.mask_token, hf.cls_token, hf.sep_token) == ("[PAD]", "[MASK]", "[CLS]", "[SEP]")
     assert hf.convert_tokens_to_ids("[MASK]") == 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_training_matches_tokenizers_on_repetitive_text(seed):
+    # few letters and long runs ("aaaa", "abab") make overlapping pairs and many ties: where counting
+    # only the changed words could go wrong
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("ab" if seed % 2 else "abc") for _ in range(rng.randint(1, 9))) for _ in range(20)]
+    text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 200)))
+    vocab_size = 256 + rng.randint(1, 60)
+    ours = ByteBPE.train(text, vocab_size)
+    assert (ours.merges, ours.vocab) == hf_merges_and_vocab(train_hf_bpe([text], vocab_size))
+
+
+# Overlapping specials: "<|end|>" and "<|endoftext|>" share "<|end"; "[MASK]" lies inside "[[MASK]]" and begins
+# "[MASK][SEP]", so where "[MASK][SEP]" starts both match. Passed shorter first, so the longest-first rule
+# cannot come from their order.
+SPECIALS = ["<|end|>", "[MASK]", "<|endoftext|>", "[[MASK]]", "[MASK][SEP]"]
+DOCUMENTS = [
+    "the end of the play.",
+    "Exit, pursued by a bear. The end",
+    "ACT I. The [MASK] of Denmark",
+    "the end! the end? the [[MASK]] of it",
+    "[MASK][SEP] the [MASK] [SEP]",
+]
+TEXT_WITH_SPECIALS = "<|endoftext|>".join(DOCUMENTS * 5) + "<|end|> end|> [MASK] <|endoftext|>" * 10
+
+
+@pytest.mark.parametrize(
+    ("text", "pieces"),
+    [
+        ("a<|endoftext|>b", ["a", "<|endoftext|>", "b"]),
+        ("a<|end|>b<|end", ["a", "<|end|>", "b<|end"]),
+        ("<|end|><|endoftext|>", ["", "<|end|>", "", "<|endoftext|>", ""]),
+        ("x[[MASK]]y [MASK]", ["x", "[[MASK]]", "y ", "[MASK]", ""]),
+        ("[[MASK]", ["[", "[MASK]", ""]),
+        ("[MASK][SEP]x[MASK] [SEP]", ["", "[MASK][SEP]", "x", "[MASK]", " [SEP]"]),
+        ("[[MASK]][SEP]", ["", "[[MASK]]", "[SEP]"]),
+        ("no specials", ["no specials"]),
+    ],
+)
+def test_split_on_special_tokens_takes_the_longest_at_each_place(text, pieces):
+    assert split_on_special_tokens(text, SPECIALS) == pieces
+
+
+@pytest.fixture(scope="module")
+def bpe_with_specials():
+    return ByteBPE.train(TEXT_WITH_SPECIALS, len(SPECIALS) + 256 + 60, special_tokens=SPECIALS)
+
+
+@pytest.fixture(scope="module")
+def hf_with_specials():
+    return train_hf_bpe([TEXT_WITH_SPECIALS], len(SPECIALS) + 256 + 60, special_tokens=SPECIALS)
+
+
+def ordinary_words(text):
+    return {word for piece in split_on_special_tokens(text, SPECIALS)[::2] for word in pretokenize(piece)}
+
+
+def test_bpe_never_learns_a_merge_from_a_special_token(bpe_with_specials, hf_with_specials):
+    words = ordinary_words(TEXT_WITH_SPECIALS)
+    assert all(any(a + b in word for word in words) for a, b in bpe_with_specials.merges)
+    assert hf_merges_and_vocab(hf_with_specials) == (bpe_with_specials.merges, bpe_with_specials.vocab)
+
+
+def test_tokenizers_own_trainer_would_learn_merges_from_special_tokens():
+    # why train_hf_bpe cuts the texts first: fed whole, the Rust trainer learns tokens found only in specials
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(SPECIALS) + 256 + 60, min_frequency=2, special_tokens=SPECIALS,
+                                  initial_alphabet=alphabet, show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator([TEXT_WITH_SPECIALS], trainer)
+    words = ordinary_words(TEXT_WITH_SPECIALS)
+    learned = set(tokenizer.get_vocab()) - set(SPECIALS) - set(alphabet)
+    assert [t for t in learned if not any(t in word for word in words)]
+
+
+SPECIAL_CASES = [
+    "doc one<|endoftext|>doc two<|endoftext|>",
+    "a<|end|>b<|endoftext|>c [MASK] d[[MASK]]e",
+    "<|end|><|endoftext|><|end|>",
+    "[[MASK] and [MASK]] and [[[MASK]]]",
+    "[MASK][SEP][MASK] [SEP] [MASK][SEP [[MASK]][SEP]",
+    "almost: <|end <|endoftext|| <|end of text|> [mask]",
+    "the end of the play.<|endoftext|>ACT I. The [MASK] of Denmark 東京 🙂",
+]
+
+
+@pytest.mark.parametrize("text", SPECIAL_CASES)
+def test_bpe_encodes_special_tokens_as_tokenizers_does(bpe_with_specials, hf_with_specials, text):
+    ids = bpe_with_specials.encode(text)
+    assert ids == hf_with_specials(text)["input_ids"]
+    assert bpe_with_specials.decode(ids) == hf_with_specials.decode(ids) == text
+    assert bpe_with_specials.decode(ids, skip_special_tokens=True) == hf_with_specials.decode(
+        ids, skip_special_tokens=True
+    )
+
+
+def test_each_special_token_is_its_single_id_between_documents(bpe_with_specials):
+    end = bpe_with_specials.vocab["<|endoftext|>"]
+    encoded = [bpe_with_specials.encode(d) for d in DOCUMENTS]
+    joined = [i for ids in encoded for i in [*ids, end]]
+    assert bpe_with_specials.encode("<|endoftext|>".join(DOCUMENTS) + "<|endoftext|>") == joined
+    assert [bpe_with_specials.vocab[s] for s in SPECIALS] == [0, 1, 2, 3, 4]
+    assert bpe_with_specials.encode("[[MASK]][MASK]<|end|>[MASK][SEP]") == [3, 1, 0, 4]
+
+
+def test_bpe_decode_can_skip_special_tokens(bpe_with_specials):
+    ids = bpe_with_specials.encode("one<|endoftext|>two [MASK]")
+    assert bpe_with_specials.decode(ids, skip_special_tokens=True) == "onetwo "
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: ByteBPE({"a": 0}, [], special_tokens=["<s>"]), ValueError, "special_tokens must be in vocab"),
+        (lambda: ByteBPE.train("abc", 300, special_tokens="<s>"), TypeError, "sequence of strings, not one str"),
+        (lambda: split_on_special_tokens("abc", ["", "x"]), ValueError, "distinct non-empty strings"),
+        (lambda: split_on_special_tokens(3, ["x"]), TypeError, "text must be a str"),
+    ],
+)
+def test_special_tokens_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
 
 
 @pytest.mark.parametrize(
