@@ -46,8 +46,42 @@ def test_ddp_on_two_ranks_trains_to_the_single_process_weights(tmp_path):
         assert torch.equal(rank0[name], rank1[name])
     mean_loss = [(a + b) / 2 for a, b in zip(results[0]["local_loss"], results[1]["local_loss"], strict=True)]
     torch.testing.assert_close(torch.tensor(mean_loss), torch.tensor(losses), atol=1e-12, rtol=0)
-    all_reduces = [e for e in results[0]["trace"] if e["kind"] == "all_reduce"]
-    assert results[0]["buckets"] > 1 and len(all_reduces) == results[0]["buckets"]
+    buckets = results[0]["buckets"]
+    n_params = len(list(reference.parameters()))
+    assert buckets["ready_order"] == list(reversed(range(n_params)))  # the last layer's gradients come first
+    assert [i for bucket in buckets["params"] for i in bucket] == buckets["ready_order"]
+    assert sum(buckets["bytes"]) == 8 * sum(p.numel() for p in reference.parameters())
+    assert buckets["cap_bytes"] == int(0.1 * 2**20) and len(buckets["params"]) == buckets["reduced"] > 1
+    kinds = [e["kind"] for e in results[0]["trace"]]
+    assert kinds.count("all_reduce") == kinds.count("launch") == buckets["reduced"]
+
+
+def test_profiler_events_are_sorted_into_backward_ops_launches_and_all_reduces():
+    assert ddp.event_kind("autograd::engine::evaluate_function: MmBackward0") == "backward"
+    assert ddp.event_kind("c10d::allreduce_") == "launch"
+    assert ddp.event_kind("gloo:all_reduce") == ddp.event_kind("nccl:all_reduce") == "all_reduce"
+    assert ddp.event_kind("aten::mm") is None
+
+
+def test_sgd_trains_like_one_process_and_summed_gradients_make_its_first_step_twice_as_large(tmp_path):
+    sgd = ["--optimizer", "sgd"]
+    averaged, (weights, _) = ddp_weights(sgd, tmp_path / "averaged")
+    summed, (wrong, _) = ddp_weights([*sgd, "--sum-gradients"], tmp_path / "summed")
+    args = ddp.parser(controls=True).parse_args(["--steps", "4", "--dtype", "float64", *sgd])
+    reference, _ = ddp.single_process_run(args, "sgd")
+    for name, expected in reference.state_dict().items():
+        torch.testing.assert_close(weights[name], expected, atol=1e-10, rtol=0)
+    assert not torch.allclose(wrong["lm_head.weight"], reference.lm_head.weight.detach(), atol=1e-6)
+    assert summed[0]["grad_norm"][0] == pytest.approx(2 * averaged[0]["grad_norm"][0], rel=1e-12)
+
+
+def test_sgd_config_steps_by_exactly_lr_times_the_gradient():
+    args = ddp.parser(controls=True).parse_args(["--sgd-lr", "0.25"])
+    config = ddp.train_config(args, "sgd")
+    assert (config.lr, config.weight_decay, config.grad_clip) == (0.25, 0.0, None)
+    assert isinstance(ddp.make_optimizer(torch.nn.Linear(2, 2), config, "sgd"), torch.optim.SGD)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ddp.train_config(args, "adam")
 
 
 def test_without_the_all_reduce_the_ranks_drift_apart(tmp_path):
@@ -98,6 +132,19 @@ def test_tensor_parallel_with_the_wrong_shard_is_wrong(tmp_path):
     _, shards = tensor_parallel_run(["--wrong-shard"], tmp_path)
     expected = tensor_parallel.reference_gradients(tensor_parallel.parser().parse_args([]))
     assert not torch.allclose(shards[0]["mlp.out"], expected["mlp.out"], atol=1e-6)
+
+
+def test_f_without_its_all_reduce_keeps_the_outputs_but_leaves_each_rank_a_share_of_the_input_gradient(tmp_path):
+    results, shards = tensor_parallel_run(["--f-without-all-reduce"], tmp_path)
+    expected = tensor_parallel.reference_gradients(tensor_parallel.parser().parse_args([]))
+    for name in ("mlp", "attn"):
+        torch.testing.assert_close(shards[0][f"{name}.out"], expected[f"{name}.out"], atol=1e-12, rtol=0)
+        assert not torch.allclose(shards[0][f"{name}.x_grad"], expected[f"{name}.x_grad"], atol=1e-6)
+        together = shards[0][f"{name}.x_grad"] + shards[1][f"{name}.x_grad"]  # what the missing all-reduce adds up
+        torch.testing.assert_close(together, expected[f"{name}.x_grad"], atol=1e-12, rtol=0)
+        assert [c["where"] for c in results[0][name]["all_reduces"]] == ["forward"]
+    joined = torch.cat([shards[0]["mlp.fc.weight.grad"], shards[1]["mlp.fc.weight.grad"]], dim=0)
+    torch.testing.assert_close(joined, expected["mlp.fc.weight.grad"], atol=1e-12, rtol=0)  # this layer's are right
 
 
 def pipeline_run(extra, tmp_path):
@@ -152,6 +199,9 @@ def test_fsdp_shards_every_state_trains_like_one_process_and_its_checkpoint_load
         padded = sum(-(-p.shape[0] // 2) * p[0].numel() for p in reference.parameters())
         assert result["held_bytes"]["parameters"] == result["held_bytes"]["gradients"] == 8 * padded
         assert result["held_bytes"]["optimizer"] == 16 * sum(result["local_numel"]) + 4 * len(result["local_numel"])
+        # blocks are all-gathered in forward and again in backward, the root (embeddings, final norm) once
+        root = sum(-(-p.shape[0] // 2) * 2 * p[0].numel() for n, p in reference.named_parameters() if "blocks" not in n)
+        assert volumes(result) == {"_allgather_base_": 2 * padded * 2 - root, "_reduce_scatter_base_": 2 * padded}
     fresh = ddp.build(args, reference.config.vocab_size)
     state = fresh.state_dict()
     with warnings.catch_warnings():  # DCP notes there is no process group: loading on one process is the point
@@ -162,12 +212,31 @@ def test_fsdp_shards_every_state_trains_like_one_process_and_its_checkpoint_load
         torch.testing.assert_close(fresh.state_dict()[name], expected, atol=1e-10, rtol=0)
 
 
+def volumes(result) -> dict[str, int]:
+    """Elements of the full tensors a rank's collectives moved in its counted step, by collective."""
+    found = {}
+    for call in result["collectives"]:
+        found[call["op"]] = found.get(call["op"], 0) + call["elements"]
+    return found
+
+
 def test_zero1_keeps_optimizer_state_only_for_the_parameters_a_rank_owns(tmp_path):
     results = zero_run("zero1", [], tmp_path)
     assert sum(r["owned_numel"] for r in results) == results[0]["n_params"]
+    assert sorted(results[0]["owned"] + results[1]["owned"]) == list(range(19))  # each tensor owned exactly once
     for result in results:
         assert result["held_bytes"]["parameters"] == result["held_bytes"]["gradients"] == 8 * result["n_params"]
         assert result["held_bytes"]["optimizer"] == 16 * result["owned_numel"] + 4 * result["owned_tensors"]
+        # DDP's all-reduce of every gradient, then each owner broadcasts the parameters it updated
+        assert volumes(result) == {"allreduce_": result["n_params"], "broadcast_": result["n_params"]}
+
+
+def test_fsdp_that_sums_the_gradients_trains_sgd_differently(tmp_path):
+    results = zero_run("fsdp", ["--optimizer", "sgd", "--sum-gradients"], tmp_path)
+    args = ddp.parser(controls=True).parse_args(["--steps", "4", "--dtype", "float64", "--optimizer", "sgd"])
+    reference, _ = ddp.single_process_run(args, "sgd")
+    final = torch.load(results[0]["weights"])
+    assert not torch.allclose(final["blocks.0.mlp.fc.weight"], reference.blocks[0].mlp.fc.weight.detach(), atol=1e-6)
 
 
 def test_fsdp_whose_ranks_read_the_same_shard_trains_differently(tmp_path):
@@ -183,24 +252,38 @@ def expert_run(extra, tmp_path):
 
 
 def test_experts_on_two_ranks_give_the_single_process_outputs_and_gradients(tmp_path):
-    results, tensors = expert_run([], tmp_path)
-    args = expert.parser().parse_args([])
+    results, tensors = expert_run(["--seed", "1"], tmp_path)
+    args = expert.parser().parse_args(["--seed", "1"])
     out, grads = expert.reference_run(args, 2)
     for rank, (result, mine) in enumerate(zip(results, tensors, strict=True)):
-        torch.testing.assert_close(mine["out"], out[rank * args.tokens : (rank + 1) * args.tokens], atol=1e-12, rtol=0)
+        rows = slice(rank * args.tokens, (rank + 1) * args.tokens)
+        torch.testing.assert_close(mine["out"], out[rows], atol=1e-12, rtol=0)
+        torch.testing.assert_close(mine["tokens"], grads["tokens"][rows], atol=1e-12, rtol=0)
         assert result["experts"] == [2 * rank, 2 * rank + 1]
         held = {name.split(".")[1] for name in mine if name.startswith("experts.")}
         assert held == {str(2 * rank), str(2 * rank + 1)}
         for name, grad in mine.items():
-            if name != "out":
+            if name not in ("out", "tokens"):
                 torch.testing.assert_close(grad, grads[name], atol=1e-12, rtol=0)
-        away = sum(result["tokens_per_expert_sent"][2 * (1 - rank) : 2 * (1 - rank) + 2])
-        assert result["remote_tokens"] == away and result["bytes_sent"] == 2 * away * args.width * 8
     expert_params = sum(p.numel() for p in expert.build(args).experts["0"].parameters())
     assert results[0]["parameters"] == args.width * args.experts + 2 * expert_params  # router + its two experts
     sent = torch.tensor([r["tokens_per_expert_sent"] for r in results])
     received = [r["tokens_received"] for r in results]
     assert received == [sent[:, 0:2].flatten().tolist(), sent[:, 2:4].flatten().tolist()]
+
+
+def test_all_to_all_bytes_are_measured_at_the_collective_forward_and_backward(tmp_path):
+    results, _ = expert_run(["--seed", "1"], tmp_path)  # seed 1: the ranks send 17 and 13 tokens away
+    width, sent = expert.parser().parse_args([]).width, [r["tokens_per_expert_sent"] for r in results]
+    remote = [sum(sent[0][2:]), sum(sent[1][:2])]  # my tokens for the other rank's experts
+    assert remote[0] != remote[1] and [r["remote_tokens"] for r in results] == remote
+    for rank, result in enumerate(results):
+        inbound = remote[1 - rank]  # the other rank's tokens for my experts, whose results I send back
+        measured = result["measured_bytes_sent"]
+        counts, dispatch, combine = measured["forward"]
+        assert counts == 2 * 8  # the other rank's two experts' counts, int64, in equal parts (no split sizes given)
+        assert (dispatch, combine) == (remote[rank] * width * 8, inbound * width * 8)
+        assert sorted(measured["backward"]) == sorted([dispatch, combine])  # each exchange reversed for gradients
 
 
 def test_experts_results_left_in_expert_order_are_wrong(tmp_path):

@@ -3,21 +3,28 @@ through the course's training loop.
 
 Every rank holds the whole model and a different slice of each global batch. DDP all-reduces (averages) the
 gradients during backward, bucket by bucket as they become ready, so every rank takes the same optimizer step
-and the weights equal those of one process training on the whole batch. `--no-sync` trains without DDP (no
-all-reduce): the negative control. `--profile` records a torch.profiler trace of one more step and reports when
-each backward op and each all-reduce ran, to show the overlap.
+and the weights equal those of one process training on the whole batch. Two negative controls: `--no-sync` trains
+without DDP (no all-reduce), `--sum-gradients` all-reduces without dividing by the number of ranks (a summed
+gradient, N times the mean). `--optimizer sgd` trains with plain SGD, whose step is exactly lr × gradient, so a
+summed gradient shows; AdamW's step m/(√v + ε) barely changes when every gradient is scaled by the same factor.
+`--profile` records a torch.profiler trace of one more step: when each backward op ran, when each bucket's
+all-reduce was launched and when it ran.
 
-Run: torchrun --nproc-per-node 2 -m course_lib.parallel.ddp --steps 8 --batch 8 [--no-sync] [--profile]
-`single_process_run(args)` trains the same model on the same global batches in one process, for comparison.
+Run: torchrun --nproc-per-node 2 -m course_lib.parallel.ddp --steps 8 --batch 8 [--optimizer sgd]
+     [--no-sync | --sum-gradients] [--profile]
+`single_process_run(args, optimizer)` trains the same model on the same global batches in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
@@ -27,12 +34,16 @@ from course_lib.measure import quiet_profile
 from course_lib.model import GPT, GPTConfig
 from course_lib.parallel.common import finish, init, save_result, save_tensors
 from course_lib.tokenizer import CharTokenizer
-from course_lib.train import TrainConfig, lm_loss, train
+from course_lib.train import TrainConfig, decay_groups, lm_loss, train
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS = ("adamw", "sgd")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(controls: bool = False) -> argparse.ArgumentParser:
+    """The options every data-parallel entry point shares (model, data, schedule). `controls` adds the optimizer
+    choice and the summed-gradient negative control, which the DDP and ZeRO entry points take (DeepSpeed's defines
+    its own, with the same names)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="global batch: windows per step over all ranks")
@@ -46,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB")
     p.add_argument("--no-sync", action="store_true", help="no DDP, no all-reduce: each rank trains on its shard")
     p.add_argument("--profile", action="store_true", help="trace one extra step with torch.profiler")
+    if controls:
+        p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+        p.add_argument("--sgd-lr", type=float, default=0.5, help="the peak learning rate of --optimizer sgd")
+        p.add_argument("--sum-gradients", action="store_true", help="sum the ranks' gradients, not average: wrong")
     return p
 
 
@@ -86,47 +101,110 @@ def build(args: argparse.Namespace, vocab_size: int) -> GPT:
     return GPT(model_config(args, vocab_size)).to(DTYPES[args.dtype])
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(2, args.steps))
+def train_config(args: argparse.Namespace, optimizer: str = "adamw") -> TrainConfig:
+    """AdamW's schedule, clipped at norm 1. For SGD its own rate (`--sgd-lr`), no weight decay and no clipping:
+    clipping would scale a summed gradient back to the averaged one's norm, so an update is exactly lr × gradient."""
+    config = TrainConfig(steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(2, args.steps))
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if optimizer == "sgd":
+        return dataclasses.replace(config, lr=args.sgd_lr, min_lr=args.sgd_lr / 10, weight_decay=0.0, grad_clip=None)
+    return config
 
 
-def single_process_run(args: argparse.Namespace) -> tuple[GPT, list[float]]:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, optimizer: str = "adamw",
+                   sharded: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW with weight decay on the matrices (`train.decay_groups`), or plain SGD (no momentum, no decay). With
+    `sharded`, a ZeroRedundancyOptimizer: each rank keeps the state of, and updates, only the parameters it owns."""
+    if optimizer == "sgd":
+        cls, params, options = torch.optim.SGD, list(model.parameters()), {"lr": config.lr}
+    else:
+        cls, params = torch.optim.AdamW, decay_groups(model, config.weight_decay)
+        options = {"lr": config.lr, "betas": config.betas}
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options) if sharded else cls(params, **options)
+
+
+def single_process_run(args: argparse.Namespace, optimizer: str = "adamw") -> tuple[GPT, list[float]]:
     """The reference: one process, the whole global batch each step."""
     x, y, vocab_size = dataset(args)
     model = build(args, vocab_size)
-    history = train(model, shard_batches(x, y, args, 0, 1), train_config(args), progress=False)
+    config = train_config(args, optimizer)
+    history = train(model, shard_batches(x, y, args, 0, 1), config, optimizer=make_optimizer(model, config, optimizer),
+                    progress=False)  # fmt: skip
     return model, history.loss
 
 
+def summed_allreduce_hook(state, bucket):  # unannotated: DDP inspects the annotations, which are strings here
+    """The bug `--sum-gradients` plants: all-reduce (sum) a bucket of gradients (a dist.GradBucket) and forget to
+    divide by the number of ranks. DDP's default hook divides each bucket by N first, so that every rank ends with
+    the mean gradient. Returns the future of the bucket's summed tensor, as a DDP communication hook must."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
+
+
+def wrap(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
+    """The model in DDP with buckets of `--bucket-mb` MiB; with `--sum-gradients` the buckets are summed."""
+    wrapped = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
+    if args.sum_gradients:
+        wrapped.register_comm_hook(None, summed_allreduce_hook)
+    return wrapped
+
+
+def buckets(wrapped: DistributedDataParallel) -> dict:
+    """What DDP logged about its buckets: the order in which the gradients became ready in the last step, the
+    buckets it rebuilt in that order after the first step (parameter indices into model.parameters(), and bytes),
+    the cap it filled them to, and how many it reduced in the last step."""
+    logged = wrapped._get_ddp_logging_data()
+    indices = [[int(i) for i in b.split()] for b in logged["rebuilt_per_bucket_param_indices"].split(",")]
+    return {"ready_order": [int(i) for i in logged["prev_iteration_grad_ready_order_indices"].split(",")],
+            "params": indices, "bytes": [int(b) for b in logged["rebuilt_bucket_sizes"].split(",")],
+            "cap_bytes": logged["bucket_cap_bytes"], "reduced": logged["num_buckets_reduced"]}  # fmt: skip
+
+
+def event_kind(name: str) -> str | None:
+    """What a profiler event is in a DDP step: a backward op (autograd's evaluate_function), the launch of a
+    bucket's all-reduce (c10d::allreduce_, on the training thread), the all-reduce itself (gloo:all_reduce, run by
+    a gloo thread; nccl:all_reduce on GPUs), or nothing of interest."""
+    if "evaluate_function" in name:
+        return "backward"
+    if name == "c10d::allreduce_":
+        return "launch"
+    return "all_reduce" if ":all_reduce" in name else None
+
+
 def profile_one_step(model, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Forward + backward of one step under torch.profiler; the backward ops and all-reduces with their times
-    (µs from the start of the step), in start order."""
+    """Forward + backward of one step under torch.profiler; the backward ops, the launches of the all-reduces and
+    the all-reduces with their times (µs from the start of the step), in start order."""
     with quiet_profile() as prof:
         lm_loss(model, x, y).backward()
-    events = [e for e in prof.events() if "evaluate_function" in e.name or "all_reduce" in e.name.lower()]
     start = min(e.time_range.start for e in prof.events())
-    rows = [{"name": e.name, "kind": "all_reduce" if "all_reduce" in e.name.lower() else "backward",
-             "start_us": e.time_range.start - start, "end_us": e.time_range.end - start} for e in events]  # fmt: skip
+    rows = [{"name": e.name, "kind": event_kind(e.name), "start_us": e.time_range.start - start,
+             "end_us": e.time_range.end - start} for e in prof.events() if event_kind(e.name)]  # fmt: skip
     return sorted(rows, key=lambda r: r["start_us"])
 
 
 def main() -> None:
-    args = parser().parse_args()
+    args = parser(controls=True).parse_args()
+    if args.no_sync and args.sum_gradients:
+        raise ValueError("--no-sync and --sum-gradients exclude each other: without DDP nothing is summed")
     me = init()
     x, y, vocab_size = dataset(args)
     model = build(args, vocab_size).to(me.device)
-    wrapped = model if args.no_sync else DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
+    wrapped = model if args.no_sync else wrap(model, args)
     batches = ((bx.to(me.device), by.to(me.device)) for bx, by in shard_batches(x, y, args, me.rank, me.world))
+    config = train_config(args, args.optimizer)
     start = time.perf_counter()
-    history = train(wrapped, batches, train_config(args), progress=False)
+    history = train(wrapped, batches, config, optimizer=make_optimizer(model, config, args.optimizer), progress=False)
     seconds = time.perf_counter() - start
-    result = {"rank": me.rank, "world": me.world, "local_loss": history.loss, "seconds": seconds,
-              "step_s": [args.batch // me.world * args.block / rate for rate in history.tokens_per_s],
-              "weights": save_tensors("weights", dict(model.state_dict()))}  # fmt: skip
-    if not args.no_sync:
-        result["buckets"] = wrapped._get_ddp_logging_data().get("num_buckets_reduced")
+    step_s = [args.batch // me.world * args.block / rate for rate in history.tokens_per_s]
+    weights = save_tensors("weights", dict(model.state_dict()))
+    result = {"rank": me.rank, "world": me.world, "local_loss": history.loss, "grad_norm": history.grad_norm,
+              "seconds": seconds, "step_s": step_s, "weights": weights}  # fmt: skip
+    if not args.no_sync and args.steps > 1:  # DDP rebuilds its buckets after the first step
+        result["buckets"] = buckets(wrapped)
     if args.profile:
         bx, by = next(shard_batches(x, y, args, me.rank, me.world))
+        dist.barrier()  # both ranks start the traced step together
         result["trace"] = profile_one_step(wrapped, bx.to(me.device), by.to(me.device))
     if me.rank == 0:
         print(f"{args.steps} steps on {me.world} ranks in {seconds:.2f} s, last local loss {history.loss[-1]:.4f}")

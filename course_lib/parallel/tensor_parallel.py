@@ -6,8 +6,12 @@ its second by input rows (each rank multiplies its hidden units by its rows and 
 adds the partial sums. Attention is split by heads: q, k, v column-parallel (a rank owns H/N whole heads),
 out_proj row-parallel, again one all-reduce. Backward mirrors it: one all-reduce of the input's gradient per
 module. Two autograd functions carry the collectives (Megatron's f and g); a counter records each all-reduce.
+Two negative controls: `--wrong-shard` gives each rank its neighbour's rows of the MLP's second weight, and
+`--f-without-all-reduce` plants the most common tensor-parallel bug, an f that passes the gradient back without
+summing it over the ranks (forward is unchanged, so the outputs stay right while the input gradients are wrong).
 
 Run: torchrun --nproc-per-node 2 -m course_lib.parallel.tensor_parallel [--mode dtensor] [--wrong-shard]
+     [--f-without-all-reduce]
 `reference(args)` computes the same block on one process.
 """
 
@@ -37,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("explicit", "dtensor"), default="explicit")
     p.add_argument("--wrong-shard", action="store_true", help="explicit mode: each rank takes its neighbour's rows")
+    p.add_argument("--f-without-all-reduce", action="store_true", help="explicit mode: f's backward forgets its sum")
     return p
 
 
@@ -85,6 +90,19 @@ class CopyToParallel(torch.autograd.Function):
         return _all_reduce(grad.contiguous(), "backward")
 
 
+class CopyWithoutAllReduce(torch.autograd.Function):
+    """f with its backward all-reduce forgotten: each rank keeps only its own shard's share of the input gradient.
+    Forward is f's, so every output is still right; only the gradient flowing to earlier layers is wrong."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 class ReduceFromParallel(torch.autograd.Function):
     """Megatron's g: the partial outputs of the row-parallel layer are summed; backward passes the gradient on."""
 
@@ -110,27 +128,29 @@ def shard(full: nn.Linear, dim: int, rank: int, world: int) -> nn.Linear:
 
 
 class ParallelMLP(nn.Module):
-    def __init__(self, mlp: nn.Module, rank: int, world: int, source_rank: int | None = None) -> None:
+    def __init__(self, mlp: nn.Module, rank: int, world: int, source_rank: int | None = None,
+                 f: type[torch.autograd.Function] = CopyToParallel) -> None:  # fmt: skip
         super().__init__()
         self.fc = shard(mlp.fc, 0, rank, world)
         self.proj = shard(mlp.proj, 1, rank if source_rank is None else source_rank, world)
-        self.proj_bias = mlp.proj.bias
+        self.proj_bias, self.f = mlp.proj.bias, f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(self.fc(CopyToParallel.apply(x)), approximate="tanh")  # d_ff / N hidden units
+        hidden = F.gelu(self.fc(self.f.apply(x)), approximate="tanh")  # d_ff / N hidden units
         return ReduceFromParallel.apply(self.proj(hidden)) + self.proj_bias  # partial sums added over ranks
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, attn: nn.Module, rank: int, world: int) -> None:
+    def __init__(self, attn: nn.Module, rank: int, world: int,
+                 f: type[torch.autograd.Function] = CopyToParallel) -> None:  # fmt: skip
         super().__init__()
         self.q, self.k, self.v = (shard(getattr(attn, f"{n}_proj"), 0, rank, world) for n in "qkv")
         self.out = shard(attn.out_proj, 1, rank, world)
-        self.out_bias, self.head_size = attn.out_proj.bias, attn.config.head_size
+        self.out_bias, self.head_size, self.f = attn.out_proj.bias, attn.config.head_size, f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        x = CopyToParallel.apply(x)
+        x = self.f.apply(x)
         q, k, v = (p(x).view(b, t, -1, self.head_size).transpose(1, 2) for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # this rank's heads, nothing shared
         return ReduceFromParallel.apply(self.out(out.transpose(1, 2).reshape(b, t, -1))) + self.out_bias
@@ -138,7 +158,9 @@ class ParallelAttention(nn.Module):
 
 def run_explicit(args, block: Block, x: torch.Tensor, probe: torch.Tensor, rank: int, world: int) -> dict:
     wrong = (rank + 1) % world if args.wrong_shard else None
-    modules = {"mlp": ParallelMLP(block.mlp, rank, world, wrong), "attn": ParallelAttention(block.attn, rank, world)}
+    f = CopyWithoutAllReduce if args.f_without_all_reduce else CopyToParallel
+    modules = {"mlp": ParallelMLP(block.mlp, rank, world, wrong, f),
+               "attn": ParallelAttention(block.attn, rank, world, f)}  # fmt: skip
     result, tensors = {}, {}
     for name, module in modules.items():
         COMMUNICATION.clear()
@@ -182,6 +204,8 @@ def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int) 
 def main() -> None:
     args = parser().parse_args()
     me = init()
+    if args.mode == "dtensor" and (args.wrong_shard or args.f_without_all_reduce):
+        raise ValueError("--wrong-shard and --f-without-all-reduce change the explicit version: use --mode explicit")
     if args.heads % me.world:
         raise ValueError(f"--heads {args.heads} must be divisible by the number of ranks {me.world}")
     block, x, probe = reference(args)

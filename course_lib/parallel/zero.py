@@ -5,9 +5,11 @@
 update) only for the parameters it owns, then broadcasts them.
 `--mode fsdp`: FSDP2 `fully_shard` on every block and the root, ZeRO stage 3: parameters, gradients and
 optimizer states are all sharded; a layer's full weights are all-gathered just before it runs and freed after.
-Each rank reports the bytes it holds, counted as the deduplicated storage of its local tensors, and the model's
-final weights; with `--checkpoint` the FSDP run also saves a sharded torch.distributed.checkpoint that a single
-process can load.
+Each rank reports the bytes it holds, counted as the deduplicated storage of its local tensors, the collectives
+it issued in one more training step (counted as they pass through PyTorch's dispatcher), and the model's final
+weights; with `--checkpoint` the FSDP run also saves a sharded torch.distributed.checkpoint that a single process
+can load. `--optimizer sgd` and `--sum-gradients` (the negative control: gradients summed over the ranks, not
+averaged) are `course_lib.parallel.ddp`'s.
 
 Run: torchrun --nproc-per-node 2 -m course_lib.parallel.zero --mode fsdp [--checkpoint]
 The model, data and schedule are `course_lib.parallel.ddp`'s, so `ddp.single_process_run` is the reference.
@@ -19,18 +21,18 @@ import argparse
 
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
 from course_lib.parallel.common import finish, init, local, result_dir, save_result, save_tensors
-from course_lib.train import decay_groups, lm_loss, make_optimizer, train
+from course_lib.train import lm_loss, train
 
 MODES = ("ddp", "zero1", "fsdp")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ddp.parser()
+    p = ddp.parser(controls=True)
     p.description = __doc__.splitlines()[0]
     p.add_argument("--mode", choices=MODES, default="fsdp")
     p.add_argument("--checkpoint", action="store_true", help="fsdp: save a sharded checkpoint (DCP)")
@@ -41,6 +43,27 @@ def parser() -> argparse.ArgumentParser:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor's shards all-gathered, or the tensor itself."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Records every collective this rank issues while active: each passes through PyTorch's dispatcher as a c10d op
+    (DDP's bucket all-reduces, ZeroRedundancyOptimizer's broadcasts and FSDP's all-gathers and reduce-scatters
+    alike). Each is counted by the elements of its full tensor, as the ZeRO paper counts volume: an all-gather by
+    the gathered output, a reduce-scatter by its input, an all-reduce or a broadcast by its tensor."""
+
+    FULL_TENSOR = {"allreduce_": 0, "broadcast_": 0, "_allgather_base_": 0, "_reduce_scatter_base_": 1}  # argument
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            op = func.name().split("::")[1]
+            full = args[self.FULL_TENSOR.get(op, 0)]
+            tensor = full[0] if isinstance(full, (list, tuple)) else full
+            self.calls.append({"op": op, "elements": tensor.numel(), "bytes": tensor.numel() * tensor.element_size()})
+        return func(*args, **(kwargs or {}))
 
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -59,44 +82,47 @@ def main() -> None:
     me = init()
     x, y, vocab_size = ddp.dataset(args)
     model = ddp.build(args, vocab_size)
-    config = ddp.train_config(args)
+    config = ddp.train_config(args, args.optimizer)
     if args.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
+        if args.sum_gradients:
+            model.set_gradient_divide_factor(1.0)  # the reduce-scatter sums and nothing divides: the bug
         wrapped = model
     else:
-        wrapped = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
-    if args.mode == "zero1":  # AdamW on the reference's groups, its state split over the ranks
-        optimizer = ZeroRedundancyOptimizer(decay_groups(model, config.weight_decay), optimizer_class=torch.optim.AdamW,
-                                            lr=config.lr, betas=config.betas)  # fmt: skip
-    else:
-        optimizer = make_optimizer(model, config)  # AdamW, weight decay on matrices only, as the reference run
+        wrapped = ddp.wrap(model, args)
+    # the reference's optimizer; for ZeRO-1 its state split over the ranks
+    optimizer = ddp.make_optimizer(model, config, args.optimizer, sharded=args.mode == "zero1")
     shard = 0 if args.same_shard else me.rank  # the negative control: the sampler forgotten, all read shard 0
     history = train(wrapped, ddp.shard_batches(x, y, args, shard, me.world), config, optimizer=optimizer,
                     progress=False)  # fmt: skip
-    bx, by = next(ddp.shard_batches(x, y, args, me.rank, me.world))
-    lm_loss(wrapped, bx, by).backward()  # one more backward, so that the gradients exist to be measured
-    held = held_bytes(model, optimizer)
-    optimizer.zero_grad()
     full = {name: full_tensor(p) for name, p in model.named_parameters()}  # all-gathered: every rank gets all
-    result = {"rank": me.rank, "world": me.world, "mode": args.mode, "held_bytes": held, "local_loss": history.loss,
+    result = {"rank": me.rank, "world": me.world, "mode": args.mode, "local_loss": history.loss,
               "n_params": sum(p.numel() for p in full.values()), "weights": save_tensors("weights", full)}  # fmt: skip
+    if args.mode == "fsdp" and args.checkpoint:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        path = result_dir() / "fsdp-checkpoint"
+        dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
+        result["checkpoint"] = str(path)
+    # one more step, after the weights were saved: its collectives counted, its gradients left to be measured
+    bx, by = next(ddp.shard_batches(x, y, args, me.rank, me.world))
+    with CollectiveCounter() as counter:
+        lm_loss(wrapped, bx, by).backward()
+        optimizer.step()
+    result["held_bytes"], result["collectives"] = held_bytes(model, optimizer), counter.calls
+    params = list(model.parameters())
     if args.mode == "zero1":
         owned = [p for group in optimizer.optim.param_groups for p in group["params"]]
+        result["owned"] = sorted(next(i for i, q in enumerate(params) if q is p) for p in owned)
         result["owned_numel"], result["owned_tensors"] = sum(p.numel() for p in owned), len(owned)
     if args.mode == "fsdp":
-        result["local_numel"] = [local(p).numel() for p in model.parameters()]
-        if args.checkpoint:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-            path = result_dir() / "fsdp-checkpoint"
-            dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
-            result["checkpoint"] = str(path)
-    del wrapped, model, optimizer
+        result["local_numel"] = [local(p).numel() for p in params]
+    del wrapped, model, optimizer, params
     save_result(result)
     finish()
 
