@@ -108,14 +108,17 @@ def show(value: Any, width: int = 60) -> str:
             return f"bool array of shape {tuple(array.shape)} with {int(array.sum()):,} True"
         if array.ndim == 0:
             return number(array.item())
+        integers = bool(np.all(np.isfinite(array))) and bool(np.all(array == np.round(array)))
         if array.size <= SMALL_ARRAY:
-            text = " ".join(np.array2string(array, precision=7, separator=", ").split())
+            shown = array.astype(np.int64) if integers and np.abs(array).max() < 1e15 else array
+            text = " ".join(np.array2string(shown, precision=7, separator=", ").split())
             if len(text) <= width:
                 return text
         size = f"{'length' if array.ndim == 1 else 'shape'} {_size(array)}"
         if (array == array.flat[0]).all():
             return f"all {number(array.flat[0])} ({size})"
-        return f"{size}: [{_ends(array.ravel(), lambda x: f'{x:.4g}')}]"
+        item = (lambda x: str(int(x))) if integers else (lambda x: f"{x:.4g}")
+        return f"{size}: [{_ends(array.ravel(), item)}]"
     if isinstance(value, str):
         return repr(value) if len(value) <= width else f"{value[: width - 20]!r}… ({len(value):,} characters)"
     text = repr(value)

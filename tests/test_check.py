@@ -22,7 +22,7 @@ def test_claim_that_holds_prints_one_line_with_its_value_and_error(capsys):
     out = capsys.readouterr().out
     result = CLAIMS[-1]
     assert result.passed and result.max_abs_error == pytest.approx(1e-7, rel=1e-2)
-    assert out == "✓ sum of weights: [1. , 1.0000001] vs expected [1., 1.] · max |Δ| 1e-07 within atol 1e-06\n"
+    assert out == "✓ sum of weights: [1. , 1.0000001] vs expected [1, 1] · max |Δ| 1e-07 within atol 1e-06\n"
     assert result.name == "sum of weights" and len(CLAIMS) == before + 1
 
 
@@ -65,7 +65,7 @@ def test_refute_is_the_negative_control_and_prints_the_gap(capsys):
     refute("wrong axis breaks row sums", torch.tensor([0.5, 1.5]), [1.0, 1.0], atol=1e-6)
     assert CLAIMS[-1].negated and CLAIMS[-1].passed
     assert capsys.readouterr().out == (
-        "✓ refuted: wrong axis breaks row sums: [0.5, 1.5] vs [1., 1.] · max |Δ| 0.5 beyond atol 1e-06\n"
+        "✓ refuted: wrong axis breaks row sums: [0.5, 1.5] vs [1, 1] · max |Δ| 0.5 beyond atol 1e-06\n"
     )
     with pytest.raises(AssertionError, match="claimed to differ"):
         refute("identical", 1.0, 1.0, atol=1e-6)
@@ -120,6 +120,8 @@ def test_long_values_are_summarised_by_size_start_and_ends():
     vocabulary = {chr(97 + i % 26) * (1 + i // 26): i for i in range(276)}
     assert show(vocabulary) == "dict of 276 items: {'a': 0, 'b': 1, 'c': 2, …}"
     assert show(list(range(1000))) == "length 1,000: [0, 1, 2, …, 998, 999]"
+    assert show([4805, 33460, *range(900)]) == "length 902: [4805, 33460, 0, …, 898, 899]"
+    assert show(np.arange(6.0)) == "[0, 1, 2, 3, 4, 5]" and show([0.5, 1.5]) == "[0.5, 1.5]"
     assert show(torch.zeros(4, 5)) == "all 0 (shape (4, 5))"
     assert show(torch.arange(20.0).reshape(4, 5)) == "shape (4, 5): [0, 1, 2, …, 18, 19]"
     assert show([str(i) for i in range(300)]) == "list of 300 items: ['0', '1', '2', …, '298', '299']"
