@@ -77,6 +77,7 @@ test: setup lint browser-deps
 
 bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
+	$(BIN)/python benchmarks/tokenizer_train.py
 	$(BIN)/python benchmarks/train_gpt.py
 	$(BIN)/python benchmarks/precision_and_checkpointing.py
 	$(BIN)/python benchmarks/distributed.py
