@@ -55,9 +55,12 @@ class SamplingExplorer(SnapshotMixin, widgets.VBox):
         ])  # fmt: skip
         self.update()
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _ids(self) -> torch.Tensor:
         ids = self.tokenizer.encode(self.prompt.value) or [0]
-        return torch.tensor([ids[-self.model.config.block_size :]])
+        return torch.tensor([ids[-self.model.config.block_size :]], device=self._device())
 
     def probs(self) -> torch.Tensor:
         """The next-token distribution for the prompt under the current settings."""
@@ -68,7 +71,7 @@ class SamplingExplorer(SnapshotMixin, widgets.VBox):
 
     def sample(self) -> str:
         """The continuation generate() draws with the current settings and seed."""
-        generator = torch.Generator().manual_seed(self.seed.value)
+        generator = torch.Generator(self._device()).manual_seed(self.seed.value)  # generate() samples on that device
         settings = {"temperature": self.temperature.value, "top_k": self.top_k.value or None, "top_p": self.top_p.value}
         out = self.model.generate(self._ids(), self.length.value, generator=generator, **settings)
         return self.tokenizer.decode(out[0, self._ids().shape[1] :].tolist())
