@@ -19,6 +19,7 @@ from course_lib.arguments import positive_int
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu", "nvme")
+OPTIMIZERS = ("adamw", "sgd")  # torch's AdamW (the course's), or plain SGD (chapter 13's sum-vs-mean control)
 SCHEDULES = ("loop", "warmup_cosine")  # who sets the learning rate: the training loop, or DeepSpeed's scheduler
 DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
@@ -34,7 +35,8 @@ class DeepSpeedSettings:
     offload_param: str = "none"  # stage 3 only: where the parameter shards live between uses
     nvme_path: str | None = None  # the folder an NVMe offload swaps to
     bucket_elements: int | None = None  # ZeRO's reduce/all-gather bucket size; None = DeepSpeed's default (5e8)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm; None = off (written as 0: DeepSpeed defaults to 1)
+    optimizer: str = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
@@ -46,6 +48,8 @@ class DeepSpeedSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "warmup_cosine" and self.total_steps is None:
@@ -59,8 +63,15 @@ class DeepSpeedSettings:
 
 def build(settings: DeepSpeedSettings) -> dict:
     """The DeepSpeed config for these settings (validated). The optimizer is torch's AdamW ("torch_adam": no
-    compiled kernel needed); the learning rate is set by the training loop every step unless `schedule` hands it
-    to DeepSpeed's WarmupCosineLR."""
+    compiled kernel needed) or torch's SGD without momentum, which ZeRO runs only when told it may
+    ("zero_allow_untested_optimizer"); the learning rate is set by the training loop every step unless `schedule`
+    hands it to DeepSpeed's WarmupCosineLR."""
+    if settings.optimizer == "sgd":
+        optimizer = {"type": "SGD", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}}
+    else:
+        optimizer = {"type": "AdamW", "params": {"lr": settings.lr, "betas": list(settings.betas),
+                                                 "weight_decay": settings.weight_decay,
+                                                 "torch_adam": True}}  # fmt: skip
     config = {
         "train_batch_size": settings.micro_batch * settings.accumulation * settings.world_size,
         "train_micro_batch_size_per_gpu": settings.micro_batch,
@@ -68,13 +79,13 @@ def build(settings: DeepSpeedSettings) -> dict:
         "zero_optimization": {"stage": settings.zero_stage}
         | ({"reduce_bucket_size": settings.bucket_elements, "allgather_bucket_size": settings.bucket_elements}
            if settings.bucket_elements else {}),
-        "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "betas": list(settings.betas),
-                                                  "weight_decay": settings.weight_decay, "torch_adam": True}},
+        "optimizer": optimizer,
         "steps_per_print": 10**9,  # the course's loop reports progress itself
         "wall_clock_breakdown": False,
     }  # fmt: skip
-    if settings.grad_clip is not None:
-        config["gradient_clipping"] = settings.grad_clip
+    if settings.optimizer == "sgd" and settings.zero_stage:
+        config["zero_allow_untested_optimizer"] = True  # DeepSpeed refuses an optimizer it has not tested otherwise
+    config["gradient_clipping"] = 0.0 if settings.grad_clip is None else settings.grad_clip  # absent means 1.0
     if settings.schedule == "warmup_cosine":
         params = {
             "total_num_steps": settings.total_steps,
@@ -126,7 +137,7 @@ def validate(config: dict, world_size: int) -> None:
             raise ValueError(f"zero_optimization.offload_{kind} on nvme needs an nvme_path")
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise ValueError("fp16 and bf16 are both enabled: choose one")
-    clip = config.get("gradient_clipping", 0.0)
+    clip = config.get("gradient_clipping", 1.0)  # DeepSpeed clips at 1.0 when the field is absent
     if not isinstance(clip, (int, float)) or clip < 0:
         raise ValueError(f"gradient_clipping must be a number >= 0 (0 = off), got {clip!r}")
     if "scheduler" in config:

@@ -41,7 +41,12 @@ LOCAL_NODE_NAMES = ("localhost", "127.0.0.1")  # this machine under two names: o
 
 
 class LaunchError(RuntimeError):
-    """A launched run failed: a rank crashed, the run hung past its time limit, or results are missing."""
+    """A launched run failed: a rank crashed, the run hung past its time limit, or results are missing.
+    `exit_codes` holds the launchers' exit codes when they all exited (None when the run was stopped)."""
+
+    def __init__(self, message: str, exit_codes: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.exit_codes = exit_codes
 
 
 def deepspeed_accelerator() -> str:
@@ -232,7 +237,7 @@ def run_commands(
             raise
         codes = [process.returncode for process in processes]
         if any(codes):
-            raise LaunchError(f"{name} failed (exit codes {codes}).\n{_failure_report(rank_lines, other_lines)}")
+            raise LaunchError(f"{name} failed (exit codes {codes}).\n{_failure_report(rank_lines, other_lines)}", codes)
         missing = [r for r in range(world) if not (results / f"rank{r}.json").is_file()]
         if missing:
             raise LaunchError(f"{name} finished but ranks {missing} wrote no rank{{r}}.json into {RESULT_DIR_ENV}")

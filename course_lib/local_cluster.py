@@ -50,10 +50,17 @@ exec "$COURSE_REAL_PYTHON" "$@"
 
 @dataclass(frozen=True)
 class LocalJob:
-    """What a batch script did here: each node's launcher arguments (after `python`) and the ranks' results."""
+    """What a batch script did here: each node's launcher arguments (after `python`), the ranks' results, and the
+    job's result folder (the script's $COURSE_RESULT_DIR; a temporary one unless `result_dir` was given)."""
 
     launcher_args: list[list[str]]
     results: list[dict]
+    result_dir: str
+
+    def command_line(self, node: int) -> str:
+        """Node `node`'s launcher arguments as one line, with the result folder written as the script names it,
+        $COURSE_RESULT_DIR, so that the line reads the same on any machine."""
+        return " ".join(self.launcher_args[node]).replace(self.result_dir, "$COURSE_RESULT_DIR")
 
 
 def _write_executable(path: Path, text: str) -> None:
@@ -81,6 +88,7 @@ def sbatch_locally(
     positive_int("gpus_per_node", gpus_per_node)
     with tempfile.TemporaryDirectory(prefix="course-sbatch-") as scratch:
         scratch = Path(scratch)
+        results_folder = Path(result_dir) if result_dir is not None else scratch / "results"
         stand_ins, records = scratch / "bin", scratch / "records"
         stand_ins.mkdir()
         records.mkdir()
@@ -102,8 +110,8 @@ def sbatch_locally(
             env["COURSE_DRY_RUN"] = "1"
         command = ["bash", str(script), *map(str, args)]
         world = 0 if dry_run else nodes * gpus_per_node
-        results = run_commands([command], world, script.name, timeout, result_dir=result_dir, show_output=show_output,
-                               env=env)  # fmt: skip
+        results = run_commands([command], world, script.name, timeout, result_dir=results_folder,
+                               show_output=show_output, env=env)  # fmt: skip
         recorded = [records / f"node{node}.args" for node in range(nodes)]
         launcher_args = [path.read_text().split("\0")[:-1] for path in recorded if path.is_file()]
-        return LocalJob(launcher_args, results)
+        return LocalJob(launcher_args, results, str(results_folder))

@@ -1,11 +1,12 @@
 """DeepSpeed's engine under ZeRO-2 and ZeRO-3 on 2 real CPU processes trains the chapter-09 GPT to the weights of
-one process; its checkpoint consolidates with zero_to_fp32 into the same weights."""
+one process; its checkpoint consolidates with zero_to_fp32 into the same weights; gradients summed over the ranks
+instead of averaged are caught with SGD and slip through with AdamW."""
 
 import pytest
 import torch
 
 from course_lib.launch import launch
-from course_lib.parallel import ddp
+from course_lib.parallel import ddp, deepspeed_train
 
 STEPS = ["--steps", "4"]
 BUCKETS = ["--bucket-elements", "1000000"]  # DeepSpeed's default 5e8-element buckets cost seconds of page faults
@@ -20,10 +21,8 @@ def reference():
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def consolidated(checkpoint: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="final")
+def largest_gap(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    return max((weights[name].float() - expected).abs().max().item() for name, expected in reference.items())
 
 
 @pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
@@ -31,7 +30,7 @@ def test_zero_stage_on_two_ranks_trains_like_one_process(stage, launcher, refere
     args = [*STEPS, *BUCKETS, "--zero-stage", stage, "--save-checkpoint"]
     results = launch("course_lib.parallel.deepspeed_train", args,
                      nproc=2, launcher=launcher, result_dir=tmp_path, timeout=300, show_output=False)  # fmt: skip
-    weights = consolidated(results[0]["checkpoint"])
+    weights = deepspeed_train.consolidate(results[0]["checkpoint"])
     for name, expected in reference.items():
         torch.testing.assert_close(weights[name].float(), expected, atol=ATOL, rtol=0)
     params = [r["held_bytes"]["parameters"] for r in results]
@@ -43,7 +42,7 @@ def test_ranks_reading_the_same_shard_train_differently(reference, tmp_path):
     results = launch("course_lib.parallel.deepspeed_train", [*STEPS, *BUCKETS, "--zero-stage", 2, "--save-checkpoint",
                      "--same-shard"], nproc=2, launcher="deepspeed", result_dir=tmp_path, timeout=300,
                      show_output=False)  # fmt: skip
-    weights = consolidated(results[0]["checkpoint"])
+    weights = deepspeed_train.consolidate(results[0]["checkpoint"])
     assert not torch.allclose(weights["blocks.0.mlp.fc.weight"].float(), reference["blocks.0.mlp.fc.weight"], atol=ATOL)
 
 
@@ -51,6 +50,23 @@ def test_accumulating_micro_batches_under_deepspeed_trains_like_one_process(refe
     args = [*STEPS, *BUCKETS, "--zero-stage", 1, "--accumulation", 2, "--save-checkpoint"]
     results = launch("course_lib.parallel.deepspeed_train", args, nproc=2, result_dir=tmp_path, timeout=300,
                      show_output=False)  # fmt: skip
-    weights = consolidated(results[0]["checkpoint"])
+    weights = deepspeed_train.consolidate(results[0]["checkpoint"])
     for name, expected in reference.items():
         torch.testing.assert_close(weights[name].float(), expected, atol=ATOL, rtol=0)
+
+
+def test_summed_gradients_slip_through_adamw_and_are_caught_by_sgd(reference, tmp_path):
+    args = [*STEPS, *BUCKETS, "--zero-stage", 2, "--controls"]
+    results = launch("course_lib.parallel.deepspeed_train", args, nproc=2, launcher="deepspeed", result_dir=tmp_path,
+                     timeout=300, show_output=False)  # fmt: skip
+    runs = {(run["optimizer"], run["sum_gradients"]): run for run in results[0]["runs"]}
+    assert set(runs) == {("adamw", True), ("sgd", False), ("sgd", True)}
+    sgd_model, _ = ddp.single_process_run(deepspeed_train.parser().parse_args(STEPS), "sgd")
+    sgd_reference = {name: p.detach() for name, p in sgd_model.named_parameters()}
+    adamw_summed = runs[("adamw", True)]
+    # AdamW: the gradients were twice the averaged ones, yet the weights are those of the correct run
+    assert largest_gap(torch.load(adamw_summed["weights"]), reference) < ATOL
+    assert largest_gap(torch.load(runs[("sgd", False)]["weights"]), sgd_reference) < 1e-6
+    assert largest_gap(torch.load(runs[("sgd", True)]["weights"]), sgd_reference) > 100 * ATOL
+    summed, averaged = runs[("sgd", True)]["grad_norm"][0], runs[("sgd", False)]["grad_norm"][0]
+    assert summed == pytest.approx(2 * averaged, rel=1e-6)  # the first step's gradient, at the same weights

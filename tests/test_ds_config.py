@@ -17,7 +17,25 @@ def test_offload_and_fp16_settings_land_in_their_fields():
                                      offload_param="nvme", nvme_path="/tmp/swap", grad_clip=None))  # fmt: skip
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert config["zero_optimization"]["offload_param"] == {"device": "nvme", "nvme_path": "/tmp/swap"}
-    assert config["fp16"]["loss_scale"] == 0 and "gradient_clipping" not in config
+    assert config["fp16"]["loss_scale"] == 0 and config["gradient_clipping"] == 0.0
+
+
+def test_no_clipping_is_written_out_because_deepspeed_clips_at_one_when_the_field_is_absent():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    unclipped = build(DeepSpeedSettings(micro_batch=1, grad_clip=None))
+    assert DeepSpeedConfig(unclipped).gradient_clipping == 0.0
+    assert DeepSpeedConfig({k: v for k, v in unclipped.items() if k != "gradient_clipping"}).gradient_clipping == 1.0
+
+
+def test_sgd_is_torch_sgd_and_zero_is_told_it_may_run_it():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = build(DeepSpeedSettings(micro_batch=1, zero_stage=2, optimizer="sgd", lr=0.1, weight_decay=0.0))
+    assert config["optimizer"] == {"type": "SGD", "params": {"lr": 0.1, "weight_decay": 0.0}}
+    parsed = DeepSpeedConfig(config)
+    assert parsed.optimizer_name == "SGD" and parsed.zero_allow_untested_optimizer
+    assert "zero_allow_untested_optimizer" not in build(DeepSpeedSettings(micro_batch=1, optimizer="sgd"))  # stage 0
 
 
 CPU = {"device": "cpu"}
@@ -61,6 +79,7 @@ def test_inconsistent_configs_are_refused_naming_the_field(change, world, messag
     "kwargs, message",
     [
         ({"precision": "fp8"}, "precision must be one of"),
+        ({"optimizer": "adam"}, r"optimizer must be one of \('adamw', 'sgd'\)"),
         ({"offload_optimizer": "disk"}, "offload_optimizer must be one of"),
         ({"micro_batch": 0}, "train_micro_batch_size_per_gpu must be a positive int"),
         ({"zero_stage": 0, "offload_optimizer": "cpu"}, "offload_optimizer needs ZeRO stage >= 1"),

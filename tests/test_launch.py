@@ -31,12 +31,14 @@ def test_a_rank_that_raises_fails_the_run_with_its_traceback():
         launch("course_lib.parallel.hello", ["--fail-rank", "1"], nproc=2, timeout=60, show_output=False)
     message = str(error.value)
     assert "rank 1 failed" in message and "RuntimeError: rank 1 was told to fail" in message
+    assert error.value.exit_codes == [1]  # torchrun's own exit code, one launcher
 
 
 def test_a_rank_that_hangs_is_stopped_at_the_time_limit_and_nothing_is_left(tmp_path):
-    with pytest.raises(LaunchError, match="did not finish within 8 s"):
+    with pytest.raises(LaunchError, match="did not finish within 8 s") as error:
         launch("course_lib.parallel.hello", ["--hang-rank", "0"], nproc=2, timeout=8, result_dir=tmp_path,
                show_output=False)  # fmt: skip
+    assert error.value.exit_codes is None  # stopped, not exited
     leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if "--hang-rank" in (p.info["cmdline"] or [])]
     assert leftovers == [], f"processes left behind: {leftovers}"
 

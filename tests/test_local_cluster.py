@@ -9,7 +9,7 @@ import torch
 
 from course_lib.launch import LaunchError
 from course_lib.local_cluster import sbatch_locally
-from course_lib.parallel import ddp
+from course_lib.parallel import ddp, deepspeed_train
 
 CLUSTER = Path(__file__).resolve().parents[1] / "notebooks" / "cluster"
 TORCHRUN, DEEPSPEED = CLUSTER / "torchrun_ddp.sbatch", CLUSTER / "deepspeed_zero.sbatch"
@@ -33,6 +33,8 @@ def test_torchrun_file_gives_each_node_arguments_torchrun_accepts():
     assert parsed.rdzv_endpoint.startswith("localhost:") and parsed.max_restarts == 3
     assert parsed.module and parsed.training_script == "course_lib.parallel.elastic"
     assert parsed.training_script_args[-2:] == ["--steps", "4"]
+    assert job.launcher_args[0][-3] == f"{job.result_dir}/checkpoint"  # the script's folder, under the job's results
+    assert "--checkpoint-dir $COURSE_RESULT_DIR/checkpoint --steps 4" in job.command_line(0)  # shown machine-free
 
 
 def test_deepspeed_file_gives_each_node_its_own_node_rank_and_no_ssh():
@@ -44,6 +46,7 @@ def test_deepspeed_file_gives_each_node_its_own_node_rank_and_no_ssh():
     assert all(p.no_ssh and p.num_nodes == 2 and p.num_gpus == 3 and p.master_addr == "localhost" for p in parsed)
     assert all(p.module and p.user_script == "course_lib.parallel.deepspeed_train" for p in parsed)
     assert parsed[0].user_args == ["--zero-stage", "3"]
+    assert "--hostfile $COURSE_RESULT_DIR/hostfile" in job.command_line(1)
 
 
 def test_torchrun_file_runs_two_nodes_here_that_train_like_one_process(tmp_path):
@@ -56,11 +59,9 @@ def test_torchrun_file_runs_two_nodes_here_that_train_like_one_process(tmp_path)
 
 
 def test_deepspeed_file_runs_two_nodes_here_that_train_like_one_process(tmp_path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     args = ["--steps", "4", "--zero-stage", "2", "--bucket-elements", "1000000", "--save-checkpoint"]
     job = sbatch_locally(DEEPSPEED, args, result_dir=tmp_path, timeout=300, show_output=False)
-    weights = get_fp32_state_dict_from_zero_checkpoint(job.results[0]["checkpoint"], tag="final")
+    weights = deepspeed_train.consolidate(job.results[0]["checkpoint"])
     reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4"]))
     for name, expected in reference.named_parameters():
         torch.testing.assert_close(weights[name].float(), expected.detach(), atol=1e-5, rtol=0)

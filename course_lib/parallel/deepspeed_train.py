@@ -3,21 +3,32 @@
 The config comes from `course_lib.ds_config` (validated before DeepSpeed sees it); `deepspeed.initialize` wraps
 model and optimizer in an engine; the shared `train()` loop runs unchanged with an `EngineStepper` that hands
 backward and step to the engine (which reduces, partitions, clips and updates as its ZeRO stage says). The run
-can save a DeepSpeed checkpoint, which `zero_to_fp32` consolidates into one ordinary state dict.
+can save a DeepSpeed checkpoint, which `consolidate` (DeepSpeed's `zero_to_fp32`) turns into one ordinary state dict.
+
+The negative control of "equal to one process" is the classic data-parallel mistake: `--sum-gradients` multiplies
+each rank's loss by the number of ranks, so the engine's average over ranks becomes a sum. Under AdamW that mistake
+is nearly invisible (Adam's update m/(√v + ε) does not change when every gradient is multiplied by the same
+constant, except through ε), so it is refuted with plain SGD (`--optimizer sgd`: no momentum, no weight decay, no
+clipping, an update exactly lr × gradient). `--controls` runs the three variants that show this in one launch.
 
 Run: deepspeed --num_gpus 2 --module course_lib.parallel.deepspeed_train --zero-stage 2 [--save-checkpoint]
 (or through course_lib.launch with launcher="deepspeed"; torchrun works too). The model, data and schedule are
-`course_lib.parallel.ddp`'s, so `ddp.single_process_run` is the reference.
+`course_lib.parallel.ddp`'s (so is the SGD schedule), so `ddp.single_process_run(args, optimizer)` is the reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import logging
 import statistics
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,7 +37,7 @@ from course_lib.device import pick_backend
 from course_lib.ds_config import DeepSpeedSettings, build
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
-from course_lib.parallel.common import finish, result_dir, save_result
+from course_lib.parallel.common import finish, result_dir, save_result, save_tensors
 from course_lib.train import decay_groups, train
 
 
@@ -38,8 +49,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-checkpoint", action="store_true")
     p.add_argument("--same-shard", action="store_true", help="every rank reads rank 0's shard: a wrong run")
     p.add_argument("--bucket-elements", type=int, default=None, help="ZeRO bucket size (DeepSpeed's default: 5e8)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--sgd-lr", type=float, default=0.1, help="SGD's peak rate (0.5 diverges when summed)")
+    p.add_argument("--sum-gradients", action="store_true", help="sum the ranks' gradients instead of averaging: wrong")
     p.add_argument("--sweep", action="store_true", help="run every ZeRO stage x accumulation (2 and 4 too)")
+    p.add_argument("--controls", action="store_true",
+                   help="at --zero-stage: AdamW summed, SGD averaged, SGD summed, saving weights")  # fmt: skip
     return p
+
+
+class Setting(NamedTuple):
+    zero_stage: int
+    accumulation: int = 1
+    optimizer: str = "adamw"
+    sum_gradients: bool = False
+
+
+def consolidate(checkpoint: str | Path, tag: str = "final") -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint saved by `engine.save_checkpoint`: under ZeRO 1-3 reassembled from every
+    rank's partitions by DeepSpeed's zero_to_fp32, under stage 0 read from the one model file. zero_to_fp32 narrates
+    with print() and a tqdm bar that nothing switches off (the checkpoint's absolute path among them), so its
+    streams are captured here."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(checkpoint)
+    if not any((folder / tag).glob("*optim_states.pt")):  # stage 0: one ordinary model file, nothing to gather
+        return torch.load(folder / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
 
 
 class EngineStepper:
@@ -47,13 +86,14 @@ class EngineStepper:
     micro-batch and applies the update only at its accumulation boundary (every gradient_accumulation_steps
     calls), so both happen in `backward`; `step` reports the gradient norm of the update just made. The loop
     already weights each micro-batch's loss by its share of the targets, so the engine must not divide by the
-    accumulation steps again."""
+    accumulation steps again. `loss_factor` multiplies every loss: the world size turns the engine's average over
+    ranks into a sum (the negative control)."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, engine, loss_factor: float = 1.0) -> None:
+        self.engine, self.loss_factor = engine, loss_factor
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.backward(loss * self.loss_factor if self.loss_factor != 1 else loss, scale_wrt_gas=False)
         self.engine.step()
 
     def step(self) -> float:
@@ -80,58 +120,91 @@ def held_bytes(engine) -> dict[str, int]:
                                        if isinstance(t, torch.Tensor))}  # fmt: skip
 
 
-def run(args: argparse.Namespace, data: tuple, rank: int, world: int, zero_stage: int, accumulation: int) -> dict:
+def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: Setting,
+        save_weights: bool = False) -> dict:  # fmt: skip
     """Build the model and engine for one setting, train args.steps steps, and report what happened."""
     import deepspeed
 
     x, y, vocab_size = data
+    stage, accumulation = setting.zero_stage, setting.accumulation
     model = ddp.build(args, vocab_size)
-    config = dataclasses.replace(ddp.train_config(args), accumulation_steps=accumulation)
+    config = dataclasses.replace(ddp.train_config(args, setting.optimizer), accumulation_steps=accumulation)
     if args.batch % (world * accumulation):
         raise ValueError(f"--batch {args.batch} must divide by ranks x accumulation = {world * accumulation}")
     settings = DeepSpeedSettings(micro_batch=args.batch // world // accumulation, accumulation=accumulation,
-                                 world_size=world, zero_stage=zero_stage, grad_clip=config.grad_clip, lr=config.lr,
-                                 betas=config.betas, weight_decay=config.weight_decay,
+                                 world_size=world, zero_stage=stage, grad_clip=config.grad_clip, lr=config.lr,
+                                 optimizer=setting.optimizer, betas=config.betas, weight_decay=config.weight_decay,
                                  bucket_elements=args.bucket_elements)  # fmt: skip
     groups = decay_groups(model, config.weight_decay)  # weight decay on matrices only, as the reference
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
     shard = 0 if args.same_shard else rank
     batches = micro_batches(x, y, args, shard, world, accumulation)
-    history = train(engine, batches, config, optimizer=optimizer, stepper=EngineStepper(engine), progress=False)
-    result = {"zero_stage": zero_stage, "micro_batch": settings.micro_batch, "accumulation": accumulation,
-              "local_loss": history.loss, "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
-              "optimizer_class": type(optimizer).__name__}  # fmt: skip
+    stepper = EngineStepper(engine, loss_factor=world if setting.sum_gradients else 1.0)
+    history = train(engine, batches, config, optimizer=optimizer, stepper=stepper, progress=False)
+    result = setting._asdict() | {
+        "micro_batch": settings.micro_batch, "local_loss": history.loss, "grad_norm": history.grad_norm,
+        "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
+        "optimizer_class": type(optimizer).__name__}  # fmt: skip
+    label = f"zero{stage}-acc{accumulation}-{setting.optimizer}" + ("-summed" if setting.sum_gradients else "")
+    if save_weights:  # stages 0-2 keep the whole model on every rank
+        if stage == 3:
+            raise ValueError("ZeRO-3 ranks hold partitions only: save a checkpoint and consolidate it instead")
+        result["weights"] = save_tensors(label, dict(engine.module.state_dict()))
     if args.save_checkpoint:
-        folder = result_dir() / f"deepspeed-checkpoint-zero{zero_stage}"
+        folder = result_dir() / f"deepspeed-checkpoint-{label}"
         engine.save_checkpoint(str(folder), tag="final")
         result["checkpoint"] = str(folder)
     engine.destroy()
     return result
 
 
+class _CollectWarnings(logging.Filter):
+    """Keeps DeepSpeed's log records (as messages for the result) instead of printing them with a timestamp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() not in self.messages:
+            self.messages.append(record.getMessage())
+        return False
+
+
 def main() -> None:
     import deepspeed
+    from deepspeed.utils import logger
 
     args = parser().parse_args()
     deprecated = ".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated"  # DeepSpeed's calls, not ours
     warnings.filterwarnings("ignore", message=deprecated)
-    deepspeed.init_distributed(dist_backend=pick_backend(), timeout=timedelta(seconds=60))
+    logged = _CollectWarnings()
+    logger.addFilter(logged)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints that its shared-memory op was built, every time
+        deepspeed.init_distributed(dist_backend=pick_backend(), timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     data = ddp.dataset(args)
     if args.sweep:  # every (ZeRO stage, accumulation) for the same global batch, in one launch
-        settings = [(stage, acc) for stage in (0, 1, 2, 3) for acc in (1, 2, 4) if args.batch % (world * acc) == 0]
+        settings = [Setting(stage, acc, args.optimizer, args.sum_gradients) for stage in (0, 1, 2, 3)
+                    for acc in (1, 2, 4) if args.batch % (world * acc) == 0]  # fmt: skip
+    elif args.controls:
+        settings = [Setting(args.zero_stage, args.accumulation, optimizer, summed)
+                    for optimizer, summed in (("adamw", True), ("sgd", False), ("sgd", True))]  # fmt: skip
     else:
-        settings = [(args.zero_stage, args.accumulation)]
+        settings = [Setting(args.zero_stage, args.accumulation, args.optimizer, args.sum_gradients)]
     runs = []
-    for stage, accumulation in settings:
-        runs.append(run(args, data, rank, world, stage, accumulation))
+    for setting in settings:
+        runs.append(run(args, data, rank, world, setting, save_weights=args.controls))
         if rank == 0:
             done = runs[-1]
-            print(f"ZeRO-{stage}, micro-batch {done['micro_batch']} x {accumulation} on {world} ranks: "
-                  f"{statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per rank, "
-                  f"{done['optimizer_class']}, last local loss {done['local_loss'][-1]:.4f}")  # fmt: skip
-    save_result({"rank": rank, "world": world, "runs": runs} | (runs[0] if not args.sweep else {}))
+            print(f"ZeRO-{setting.zero_stage}, micro-batch {done['micro_batch']} x {setting.accumulation} on {world} "
+                  f"ranks: {statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per "
+                  f"rank, {done['optimizer_class']}" + (", gradients summed" if setting.sum_gradients else "")
+                  + f", last local loss {done['local_loss'][-1]:.4f}")  # fmt: skip
+    several = args.sweep or args.controls
+    save_result({"rank": rank, "world": world, "runs": runs, "deepspeed_log": logged.messages}
+                | (runs[0] if not several else {}))  # fmt: skip
     finish()
 
 

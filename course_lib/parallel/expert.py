@@ -9,6 +9,11 @@ splits reversed) and put them back in the tokens' order. The router is replicate
 (its gradient is all-reduced); an expert's gradient needs no all-reduce: every token that used it came to its
 rank. `--no-unsort` forgets the last reordering: the negative control.
 
+Traffic: in the forward pass rank r sends the tokens whose expert lives elsewhere and sends back the results of the
+tokens that came to it, (remote_r + inbound_r) · width · bytes; the backward pass sends the same amounts again
+(each all_to_all's gradient is the all_to_all with the splits swapped). `AllToAllBytes` measures it independently,
+from the tensors and split sizes the collective itself is handed.
+
 Run: torchrun --nproc-per-node 2 -m course_lib.parallel.expert --experts 4
 `reference_run(args)` computes the same layer on all ranks' tokens in one process, for comparison.
 """
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.device import seed_everything
 from course_lib.parallel.common import finish, init, save_result, save_tensors
@@ -91,6 +97,28 @@ def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[in
     return collectives.wait_tensor(out)
 
 
+class AllToAllBytes(TorchDispatchMode):
+    """While active, records the bytes every all_to_all on this rank sends to other ranks, read from the input
+    tensor and the input split sizes the collective op receives. It sits below autograd, so it also sees the
+    all_to_alls that backward runs (and `dist.all_to_all_single`, which dispatches `c10d.alltoall_base_`)."""
+
+    OPS = ("_c10d_functional.all_to_all_single", "c10d.alltoall_base_")
+
+    def __init__(self, rank: int, world: int) -> None:
+        super().__init__()
+        self.rank, self.world = rank, world
+        self.sent: list[int] = []  # one entry per all_to_all, in the order they ran
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).removesuffix(".default") in self.OPS:
+            named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | (kwargs or {})
+            tensor, splits = named["input"], list(named["input_split_sizes"])
+            splits = splits or [tensor.shape[0] // self.world] * self.world  # no splits: equal parts
+            row = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+            self.sent.append((sum(splits) - splits[self.rank]) * row)
+        return func(*args, **(kwargs or {}))
+
+
 def expert_parallel_forward(moe: MixtureOfExperts, x: torch.Tensor, unsort: bool = True) -> tuple[torch.Tensor, dict]:
     """The layer on this rank's tokens, its experts spread over the ranks; returns the output and the traffic."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -107,20 +135,21 @@ def expert_parallel_forward(moe: MixtureOfExperts, x: torch.Tensor, unsort: bool
     done = torch.cat([moe.experts[str(rank * per_rank + i % per_rank)](piece) for i, piece in enumerate(pieces)])
     returned = _all_to_all(done, send_per_rank, recv_per_rank)  # in the order the tokens were sent
     out = returned[torch.argsort(order)] if unsort else returned
-    element = x.shape[1] * x.element_size()
+    remote = sum(send_per_rank) - send_per_rank[rank]  # my tokens whose expert is elsewhere
+    inbound = sum(recv_per_rank) - recv_per_rank[rank]  # other ranks' tokens for my experts, whose results go back
     traffic = {"tokens_per_expert_sent": send_counts.tolist(), "tokens_received": recv_counts.tolist(),
-               "remote_tokens": sum(send_per_rank) - send_per_rank[rank],
-               "bytes_sent": 2 * (sum(send_per_rank) - send_per_rank[rank]) * element}  # fmt: skip
+               "remote_tokens": remote, "inbound_tokens": inbound}  # fmt: skip
     return out * gate[:, None], traffic
 
 
 def reference_run(args: argparse.Namespace, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One process, every expert, all ranks' tokens: the output and every weight's gradient."""
+    """One process, every expert, all ranks' tokens: the output, every weight's gradient and the tokens' gradient
+    ("tokens", all ranks' rows)."""
     moe = build(args)
-    x = torch.cat([rank_tokens(args, r) for r in range(world)])
+    x = torch.cat([rank_tokens(args, r) for r in range(world)]).requires_grad_()
     out = moe(x)
     (out * loss_weights(args, world)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in moe.named_parameters()}
+    return out.detach(), {name: p.grad for name, p in moe.named_parameters()} | {"tokens": x.grad}
 
 
 def main() -> None:
@@ -131,15 +160,19 @@ def main() -> None:
     moe = build(args).to(me.device)
     mine = range(me.rank * args.experts // me.world, (me.rank + 1) * args.experts // me.world)
     moe.keep_only(mine)
-    tokens = rank_tokens(args, me.rank).to(me.device)
-    out, traffic = expert_parallel_forward(moe, tokens, unsort=not args.no_unsort)
+    tokens = rank_tokens(args, me.rank).to(me.device).requires_grad_()  # activations: their gradient travels back
+    forward, backward = AllToAllBytes(me.rank, me.world), AllToAllBytes(me.rank, me.world)
+    with forward:
+        out, traffic = expert_parallel_forward(moe, tokens, unsort=not args.no_unsort)
     rows = slice(me.rank * args.tokens, (me.rank + 1) * args.tokens)
-    (out * loss_weights(args, me.world)[rows].to(me.device)).sum().backward()
+    with backward:
+        (out * loss_weights(args, me.world)[rows].to(me.device)).sum().backward()
     dist.all_reduce(moe.router.weight.grad)  # replicated weight: sum the ranks' contributions
-    grads = {name: p.grad for name, p in moe.named_parameters()}
+    grads = {name: p.grad for name, p in moe.named_parameters()} | {"tokens": tokens.grad}
     print(f"rank {me.rank} holds experts {list(mine)}; its tokens chose {traffic['tokens_per_expert_sent']}, "
-          f"{traffic['remote_tokens']} of {args.tokens} went to the other rank")  # fmt: skip
+          f"{traffic['remote_tokens']} of {args.tokens} went to another rank")  # fmt: skip
     save_result({"rank": me.rank, "experts": list(mine), **traffic,
+                 "measured_bytes_sent": {"forward": forward.sent, "backward": backward.sent},
                  "parameters": sum(p.numel() for p in moe.parameters()),
                  "tensors": save_tensors("moe", {"out": out.detach(), **grads})})  # fmt: skip
     del moe
