@@ -49,7 +49,8 @@ def token_mask_from_lengths(
     lengths: Sequence[int] | torch.Tensor, max_len: int | None = None, side: str = "right"
 ) -> torch.Tensor:
     """(B, T) token mask for sequences of the given lengths, padded on `side` to `max_len` (default: the
-    longest). Decoder-only models are usually padded on the left so the last position is a real token."""
+    longest). Batched generation with a decoder pads on the left, so that every sequence's last position is a
+    real token and the next one is appended after it; training usually pads on the right (or packs)."""
     lengths = torch.as_tensor(lengths)
     if lengths.dim() != 1 or lengths.numel() == 0 or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be a non-empty 1-D sequence of ints, got {lengths.tolist()!r}")

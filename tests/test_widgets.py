@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.masks import IGNORE_INDEX, causal_mask, mlm_mask, token_mask_from_lengths
+from course_lib.masks import causal_mask, token_mask_from_lengths
 from course_lib.memory import RECIPES, Parallelism, per_device_memory
 from course_lib.widgets import AttentionHeatmap, MaskExplorer, MemoryCalculator
 from course_lib.widgets.memory_calculator import PRESETS
@@ -104,13 +104,12 @@ def test_heatmap_tokens_must_name_every_position():
 
 
 VOCAB = [f"t{i}" for i in range(40)]
-VOCAB[:3] = ["[PAD]", "[MASK]", "[CLS]"]
+VOCAB[0] = "[PAD]"
 
 
 @pytest.fixture
 def explorer():
-    ids = torch.arange(10, 40).reshape(3, 10)
-    return MaskExplorer(ids, pad_id=0, mask_token_id=1, vocab_size=40, special_token_ids=[0, 1, 2], vocab=VOCAB)
+    return MaskExplorer(torch.arange(10, 40).reshape(3, 10), pad_id=0, vocab=VOCAB)
 
 
 def test_explorer_default_is_causal_with_right_padding(explorer):
@@ -142,42 +141,18 @@ def test_explorer_padding_sliders_follow_the_length(explorer):
     assert explorer.lengths() == [3, 2, 1]
 
 
-def test_explorer_mlm_draw_shows_course_lib_masking(explorer):
-    explorer.seed.value = 5
-    explorer.draw.click()
-    expected = mlm_mask(
-        explorer.input_ids(),
-        mask_token_id=1,
-        vocab_size=40,
-        special_token_ids=[0, 1, 2],
-        generator=torch.Generator().manual_seed(5),
-    )
-    assert torch.equal(explorer.mlm.input_ids, expected.input_ids)
-    explorer.sequence.value = 0
-    rows = shown(explorer.tokens_view.value, "course-mask-token")
-    assert rows[1] == [VOCAB[i] for i in expected.input_ids[0].tolist()]
-    assert rows[2] == [VOCAB[i] if i != IGNORE_INDEX else "·" for i in expected.labels[0].tolist()]
-    explorer.padding[0].value = 2  # a new batch drops the old draw
-    assert explorer.mlm is None and len(shown(explorer.tokens_view.value, "course-mask-token")) == 1
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"token_ids": torch.ones(3)}, "token_ids must be an integer tensor"),
         ({"padding": [0, 12, 0]}, "padding must give each of the 3 sequences"),
-        ({"vocab": ["a"]}, "vocab must have vocab_size=40 entries"),
-        ({"vocab_size": 30}, r"token_ids must lie in \[0, vocab_size=30\)"),
+        ({"vocab": ["a"]}, r"vocab must name every id in token_ids and pad_id \(up to 39\), got 1 entries"),
+        ({"pad_id": -1}, "pad_id must be an int >= 0"),
+        ({"token_ids": torch.arange(-1, 29).reshape(3, 10)}, "token_ids must be >= 0"),
     ],
 )
 def test_explorer_bad_inputs(kwargs, message):
-    args = {
-        "token_ids": torch.arange(10, 40).reshape(3, 10),
-        "pad_id": 0,
-        "mask_token_id": 1,
-        "vocab_size": 40,
-        "special_token_ids": [0, 1, 2],
-    }
+    args = {"token_ids": torch.arange(10, 40).reshape(3, 10), "pad_id": 0, "vocab": VOCAB}
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         MaskExplorer(args.pop("token_ids"), **args)

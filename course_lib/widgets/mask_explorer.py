@@ -1,28 +1,19 @@
 """The mask explorer: choose the sequence length, how much padding each sequence has and on which side,
-switch the causal mask on or off, and draw BERT's MLM masking; see the attention mask a sequence gets.
+switch the causal mask on or off; see the attention mask a sequence gets, and which query rows see no key.
 
 The masks come from `course_lib.masks`, so what the widget shows is what the chapter's code builds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import ipywidgets as widgets
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from course_lib.masks import (
-    IGNORE_INDEX,
-    PADDING_SIDES,
-    MLMBatch,
-    causal_mask,
-    combine_masks,
-    key_mask,
-    mlm_mask,
-    token_mask_from_lengths,
-)
+from course_lib.masks import PADDING_SIDES, causal_mask, combine_masks, key_mask, token_mask_from_lengths
 from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 MIN_LEN = 2
@@ -37,9 +28,6 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
         token_ids: torch.Tensor,
         *,
         pad_id: int,
-        mask_token_id: int,
-        vocab_size: int,
-        special_token_ids: Iterable[int],
         vocab: Sequence[str] | None = None,
         padding: Sequence[int] | None = None,
     ) -> None:
@@ -54,15 +42,18 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
             raise ValueError(
                 f"padding must give each of the {batch} sequences a count in [0, {t_max - 1}], got {padding}"
             )
-        if not isinstance(vocab_size, int) or vocab_size < 1 or not ((token_ids >= 0) & (token_ids < vocab_size)).all():
-            raise ValueError(f"token_ids must lie in [0, vocab_size={vocab_size!r})")
-        if vocab is not None and len(vocab) != vocab_size:
-            raise ValueError(f"vocab must have vocab_size={vocab_size} entries, got {len(vocab)}")
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+            raise ValueError(f"pad_id must be an int >= 0, got {pad_id!r}")
+        if (token_ids < 0).any():
+            raise ValueError("token_ids must be >= 0")
+        if vocab is not None and len(vocab) <= max(int(token_ids.max()), pad_id):
+            raise ValueError(
+                f"vocab must name every id in token_ids and pad_id (up to {max(int(token_ids.max()), pad_id)}), "
+                f"got {len(vocab)} entries"
+            )
         self.token_ids = token_ids.clone()
-        self.pad_id, self.mask_token_id, self.vocab_size = pad_id, mask_token_id, vocab_size
-        self.special_token_ids = sorted(set(special_token_ids) | {pad_id, mask_token_id})
+        self.pad_id = pad_id
         self.vocab = vocab
-        self.mlm: MLMBatch | None = None
 
         self.seq_len = widgets.IntSlider(value=t_max, min=MIN_LEN, max=t_max, description="length T")
         self.padding = [
@@ -71,28 +62,21 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
         self.side = widgets.ToggleButtons(options=PADDING_SIDES, value="right", description="pad side")
         self.causal = widgets.Checkbox(value=True, description="causal", indent=False)
         self.sequence = widgets.Dropdown(options=list(range(batch)), value=0, description="show seq")
-        self.seed = widgets.IntText(value=0, description="MLM seed", layout={"width": "180px"})
-        self.draw = widgets.Button(description="draw MLM mask", icon="random")
-        self.clear = widgets.Button(description="clear MLM")
         self.image = widgets.Image(format="png")
         self.table = widgets.HTML()
         self.tokens_view = widgets.HTML()
         self.add_class("course-mask-explorer")
         self.seq_len.add_class("course-mask-length")
         self.causal.add_class("course-mask-causal")
-        self.draw.add_class("course-mask-draw")
         for b, slider in enumerate(self.padding):
             slider.add_class(f"course-mask-padding-{b}")
 
         for control in (self.seq_len, self.side, self.causal, self.sequence, *self.padding):
-            control.observe(self._on_change, names="value")
-        self.draw.on_click(lambda _button: self.draw_mlm())
-        self.clear.on_click(lambda _button: self.clear_mlm())
+            control.observe(lambda _change: self.update(), names="value")
         super().__init__(
             [
                 widgets.HBox([self.seq_len, self.side, self.causal]),
-                widgets.HBox(self.padding),
-                widgets.HBox([self.sequence, self.seed, self.draw, self.clear]),
+                widgets.HBox([*self.padding, self.sequence]),
                 widgets.HBox([self.image, self.table]),
                 self.tokens_view,
             ]
@@ -122,27 +106,6 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
             masks.append(causal_mask(self.seq_len.value))
         return combine_masks(*masks).expand(-1, 1, self.seq_len.value, -1)
 
-    def draw_mlm(self) -> MLMBatch:
-        """Draw BERT masking on the current batch with the chosen seed, and show it."""
-        generator = torch.Generator().manual_seed(self.seed.value)
-        self.mlm = mlm_mask(
-            self.input_ids(),
-            mask_token_id=self.mask_token_id,
-            vocab_size=self.vocab_size,
-            special_token_ids=self.special_token_ids,
-            generator=generator,
-        )
-        self.update()
-        return self.mlm
-
-    def clear_mlm(self) -> None:
-        self.mlm = None
-        self.update()
-
-    def _on_change(self, _change: dict) -> None:
-        self.mlm = None  # a draw belongs to the batch it was drawn on
-        self.update()
-
     def _name(self, token_id: int) -> str:
         return self.vocab[token_id] if self.vocab is not None else str(token_id)
 
@@ -158,15 +121,9 @@ class MaskExplorer(SnapshotMixin, widgets.VBox):
         self.table.value = html_table(
             mask, [f"q{i}" for i in range(t)], [f"k{j}" for j in range(t)], "course-mask-cell", caption=caption
         )
-        ids = self.input_ids()[b].tolist()
-        rows = [[self._name(i) for i in ids]]
-        labels = ["input"]
-        if self.mlm is not None:
-            rows.append([self._name(i) for i in self.mlm.input_ids[b].tolist()])
-            rows.append([self._name(i) if i != IGNORE_INDEX else "·" for i in self.mlm.labels[b].tolist()])
-            labels += ["MLM input", "MLM label"]
+        names = [self._name(i) for i in self.input_ids()[b].tolist()]
         self.tokens_view.value = html_table(
-            rows, labels, [str(j) for j in range(t)], "course-mask-token", caption="tokens (· = label ignored, -100)"
+            [names], ["input"], [str(j) for j in range(t)], "course-mask-token", caption=f"sequence {b}'s tokens"
         )
         self.image.value = figure_to_png(self.figure())
 
