@@ -79,12 +79,12 @@ def _is_yes_no(measured: Any, expected: Any) -> bool:
     return scalar_bool(measured) and scalar_bool(expected)
 
 
-def number(x: float) -> str:
-    """A number as a reader wants it: integers with thousands separators, others to 7 significant digits."""
+def number(x: float, digits: int = 7) -> str:
+    """A number as a reader wants it: integers with thousands separators, others to `digits` significant digits."""
     x = float(x)
     if math.isfinite(x) and x == round(x) and abs(x) < 1e15:
         return f"{int(x):,}"
-    return f"{x:.7g}"
+    return f"{x:.{digits}g}"
 
 
 def _ends(values: Any, text: Any) -> str:
@@ -184,6 +184,9 @@ def _check(name: str, measured: Any, expected: Any, rtol: float, atol: float, ne
     tolerance = _tolerance(rtol, atol)
     if negated:
         gap = "" if error is None else f" · max |Δ| {error:.3g} beyond {tolerance}"
+        if shapes_differ:
+            one_d = m.ndim == e.ndim == 1
+            gap = f" · lengths {m.size:,} vs {e.size:,}" if one_d else f" · shapes {m.shape} vs {e.shape}"
         values = f"{m_text} vs {e_text}" if len(m_text) + len(e_text) <= SHORT else m_text
         evidence = f"✓ refuted: {name}: {values}{gap}"
     elif yes_no:
@@ -243,13 +246,13 @@ def _bound(name: str, measured: Any, low: Any, high: Any) -> None:
     passed = all(margin is None or bool((margin >= 0).all()) for margin in (above, below))
     if both:
         kind, expected, relation = "between", (low, high), f"in [{show(low)}, {show(high)}]"
-        margins = f"margins {number(above.min())} below, {number(below.min())} above"
+        margins = f"margins {number(above.min(), 4)} below, {number(below.min(), 4)} above"
     elif lo is not None:
         kind, expected, relation = "at least", low, f"≥ {show(low)}"
-        margins = f"margin {number(above.min())}"
+        margins = f"margin {number(above.min(), 4)}"
     else:
         kind, expected, relation = "at most", high, f"≤ {show(high)}"
-        margins = f"margin {number(below.min())}"
+        margins = f"margin {number(below.min(), 4)}"
     if m.size == 1:
         evidence = f"✓ {name}: {number(m.item())} {relation} ({margins})"
     else:

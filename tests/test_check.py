@@ -51,6 +51,11 @@ def test_claim_shape_mismatch_fails_rather_than_broadcasting():
         claim("rows", np.ones(3), np.ones((3, 1)), atol=1.0)
 
 
+def test_a_refute_of_different_shapes_says_so(capsys):
+    refute("encoded without the special token", list(range(870)), list(range(864)))
+    assert capsys.readouterr().out.endswith("· lengths 870 vs 864\n")
+
+
 def test_claim_treats_nan_as_equal_to_nan():
     claim("empty row gives NaN", torch.tensor([float("nan"), 1.0]), [float("nan"), 1.0])
 
