@@ -282,7 +282,7 @@ class Cluster:
 
     gpus: int
     gpus_per_node: int
-    gpu_bytes: float
+    gpu_bytes: float  # device memory in bytes: an "80 GB" A100 holds 80 * GiB
     peak_flops: float
     intra_node_bytes_per_s: float
     inter_node_bytes_per_s: float

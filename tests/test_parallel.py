@@ -287,10 +287,11 @@ def test_all_to_all_bytes_are_measured_at_the_collective_forward_and_backward(tm
 
 
 def test_experts_results_left_in_expert_order_are_wrong(tmp_path):
-    _, tensors = expert_run(["--no-unsort"], tmp_path)
+    _, tensors = expert_run(["--control"], tmp_path)
     args = expert.parser().parse_args([])
     out, _ = expert.reference_run(args, 2)
-    assert not torch.allclose(tensors[0]["out"], out[: args.tokens], atol=1e-6)
+    torch.testing.assert_close(tensors[0]["out"], out[: args.tokens], atol=1e-12, rtol=0)
+    assert not torch.allclose(tensors[0]["out_unsorted"], out[: args.tokens], atol=1e-6)
 
 
 def elastic_run(extra, tmp_path):

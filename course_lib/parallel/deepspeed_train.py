@@ -8,8 +8,10 @@ can save a DeepSpeed checkpoint, which `consolidate` (DeepSpeed's `zero_to_fp32`
 The negative control of "equal to one process" is the classic data-parallel mistake: `--sum-gradients` multiplies
 each rank's loss by the number of ranks, so the engine's average over ranks becomes a sum. Under AdamW that mistake
 is nearly invisible (Adam's update m/(√v + ε) does not change when every gradient is multiplied by the same
-constant, except through ε), so it is refuted with plain SGD (`--optimizer sgd`: no momentum, no weight decay, no
-clipping, an update exactly lr × gradient). `--controls` runs the three variants that show this in one launch.
+constant, except through ε; clipping, when the norms exceed the threshold, rescales both to the same norm first),
+so it is refuted with plain SGD (`--optimizer sgd`: no momentum, no weight decay, no clipping, an update exactly
+lr × gradient). `--controls` runs, in one launch: AdamW summed (clipped, as the other runs), AdamW unclipped averaged
+and summed, SGD averaged and summed.
 
 Run: deepspeed --num_gpus 2 --module course_lib.parallel.deepspeed_train --zero-stage 2 [--save-checkpoint]
 (or through course_lib.launch with launcher="deepspeed"; torchrun works too). The model, data and schedule are
@@ -52,9 +54,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--sgd-lr", type=float, default=0.1, help="SGD's peak rate (0.5 diverges when summed)")
     p.add_argument("--sum-gradients", action="store_true", help="sum the ranks' gradients instead of averaging: wrong")
+    p.add_argument("--no-clip", action="store_true", help="no gradient clipping (SGD never clips)")
     p.add_argument("--sweep", action="store_true", help="run every ZeRO stage x accumulation (2 and 4 too)")
     p.add_argument("--controls", action="store_true",
-                   help="at --zero-stage: AdamW summed, SGD averaged, SGD summed, saving weights")  # fmt: skip
+                   help="at --zero-stage: AdamW summed; AdamW unclipped and SGD, averaged and summed")  # fmt: skip
     return p
 
 
@@ -63,6 +66,7 @@ class Setting(NamedTuple):
     accumulation: int = 1
     optimizer: str = "adamw"
     sum_gradients: bool = False
+    clip: bool = True  # clip the global gradient norm at 1 (AdamW only: the SGD control never clips)
 
 
 def consolidate(checkpoint: str | Path, tag: str = "final") -> dict[str, torch.Tensor]:
@@ -129,6 +133,8 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: S
     stage, accumulation = setting.zero_stage, setting.accumulation
     model = ddp.build(args, vocab_size)
     config = dataclasses.replace(ddp.train_config(args, setting.optimizer), accumulation_steps=accumulation)
+    if not setting.clip:
+        config = dataclasses.replace(config, grad_clip=None)
     if args.batch % (world * accumulation):
         raise ValueError(f"--batch {args.batch} must divide by ranks x accumulation = {world * accumulation}")
     settings = DeepSpeedSettings(micro_batch=args.batch // world // accumulation, accumulation=accumulation,
@@ -145,7 +151,8 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: S
         "micro_batch": settings.micro_batch, "local_loss": history.loss, "grad_norm": history.grad_norm,
         "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
         "optimizer_class": type(optimizer).__name__}  # fmt: skip
-    label = f"zero{stage}-acc{accumulation}-{setting.optimizer}" + ("-summed" if setting.sum_gradients else "")
+    label = (f"zero{stage}-acc{accumulation}-{setting.optimizer}" + ("-summed" if setting.sum_gradients else "")
+             + ("" if setting.clip else "-unclipped"))  # fmt: skip
     if save_weights:  # stages 0-2 keep the whole model on every rank
         if stage == 3:
             raise ValueError("ZeRO-3 ranks hold partitions only: save a checkpoint and consolidate it instead")
@@ -186,13 +193,14 @@ def main() -> None:
     torch.set_num_threads(1)
     data = ddp.dataset(args)
     if args.sweep:  # every (ZeRO stage, accumulation) for the same global batch, in one launch
-        settings = [Setting(stage, acc, args.optimizer, args.sum_gradients) for stage in (0, 1, 2, 3)
+        settings = [Setting(stage, acc, args.optimizer, args.sum_gradients, not args.no_clip) for stage in (0, 1, 2, 3)
                     for acc in (1, 2, 4) if args.batch % (world * acc) == 0]  # fmt: skip
     elif args.controls:
-        settings = [Setting(args.zero_stage, args.accumulation, optimizer, summed)
-                    for optimizer, summed in (("adamw", True), ("sgd", False), ("sgd", True))]  # fmt: skip
+        settings = [Setting(args.zero_stage, args.accumulation, "adamw", sum_gradients=True)] + [
+            Setting(args.zero_stage, args.accumulation, optimizer, summed, clip=False)
+            for optimizer in ("adamw", "sgd") for summed in (False, True)]  # fmt: skip
     else:
-        settings = [Setting(args.zero_stage, args.accumulation, args.optimizer, args.sum_gradients)]
+        settings = [Setting(args.zero_stage, args.accumulation, args.optimizer, args.sum_gradients, not args.no_clip)]
     runs = []
     for setting in settings:
         runs.append(run(args, data, rank, world, setting, save_weights=args.controls))
@@ -200,7 +208,8 @@ def main() -> None:
             done = runs[-1]
             print(f"ZeRO-{setting.zero_stage}, micro-batch {done['micro_batch']} x {setting.accumulation} on {world} "
                   f"ranks: {statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per "
-                  f"rank, {done['optimizer_class']}" + (", gradients summed" if setting.sum_gradients else "")
+                  f"rank, {done['optimizer_class']}" + ("" if setting.clip else ", unclipped")
+                  + (", gradients summed" if setting.sum_gradients else "")
                   + f", last local loss {done['local_loss'][-1]:.4f}")  # fmt: skip
     several = args.sweep or args.controls
     save_result({"rank": rank, "world": world, "runs": runs, "deepspeed_log": logged.messages}

@@ -7,7 +7,8 @@ sort them by expert, tell every rank how many tokens of each of its experts are 
 send the tokens (all_to_all), run the local experts on what arrived, send the results back (all_to_all with the
 splits reversed) and put them back in the tokens' order. The router is replicated like a data-parallel weight
 (its gradient is all-reduced); an expert's gradient needs no all-reduce: every token that used it came to its
-rank. `--no-unsort` forgets the last reordering: the negative control.
+rank. `--control` also runs the forward pass once more without the last reordering (the results left in expert
+order), the negative control, in the same launch.
 
 Traffic: in the forward pass rank r sends the tokens whose expert lives elsewhere and sends back the results of the
 tokens that came to it, (remote_r + inbound_r) · width · bytes; the backward pass sends the same amounts again
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=32, help="each expert's MLP hidden width")
     p.add_argument("--tokens", type=int, default=24, help="tokens per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-unsort", action="store_true", help="return the results in expert order: wrong")
+    p.add_argument("--control", action="store_true", help="also save the outputs left in expert order: wrong")
     return p
 
 
@@ -163,18 +164,22 @@ def main() -> None:
     tokens = rank_tokens(args, me.rank).to(me.device).requires_grad_()  # activations: their gradient travels back
     forward, backward = AllToAllBytes(me.rank, me.world), AllToAllBytes(me.rank, me.world)
     with forward:
-        out, traffic = expert_parallel_forward(moe, tokens, unsort=not args.no_unsort)
+        out, traffic = expert_parallel_forward(moe, tokens)
     rows = slice(me.rank * args.tokens, (me.rank + 1) * args.tokens)
     with backward:
         (out * loss_weights(args, me.world)[rows].to(me.device)).sum().backward()
     dist.all_reduce(moe.router.weight.grad)  # replicated weight: sum the ranks' contributions
     grads = {name: p.grad for name, p in moe.named_parameters()} | {"tokens": tokens.grad}
+    control = {}
+    if args.control:  # the same tokens, the results not put back in the tokens' order
+        with torch.no_grad():
+            control["out_unsorted"] = expert_parallel_forward(moe, tokens, unsort=False)[0]
     print(f"rank {me.rank} holds experts {list(mine)}; its tokens chose {traffic['tokens_per_expert_sent']}, "
           f"{traffic['remote_tokens']} of {args.tokens} went to another rank")  # fmt: skip
     save_result({"rank": me.rank, "experts": list(mine), **traffic,
                  "measured_bytes_sent": {"forward": forward.sent, "backward": backward.sent},
                  "parameters": sum(p.numel() for p in moe.parameters()),
-                 "tensors": save_tensors("moe", {"out": out.detach(), **grads})})  # fmt: skip
+                 "tensors": save_tensors("moe", {"out": out.detach(), **grads, **control})})  # fmt: skip
     del moe
     finish()
 
