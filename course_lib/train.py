@@ -262,6 +262,29 @@ def train(
     return history
 
 
+def rng_states() -> dict:
+    """The state of every random generator a run may draw from: torch's CPU generator, each CUDA device's and
+    the MPS one where present (dropout on a GPU draws from those), Python's and NumPy's."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what rng_states returned; an accelerator's generators wherever that accelerator is present."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+    if states.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -271,12 +294,13 @@ def save_checkpoint(
     stepper: PlainStepper | None = None,
 ) -> None:
     """Everything a run needs to continue exactly: weights, optimizer moments, the step (the learning-rate
-    schedule is a function of it), every random generator, the data stream's position and the loss scale."""
+    schedule is a function of it), the random generators (dropout draws from torch's), the data stream's
+    position and the loss scale."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "next_step": next_step,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        "rng": rng_states(),
         "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
         "scaler": stepper.scaler.state_dict() if stepper is not None and stepper.scaler is not None else None,
     }
@@ -294,9 +318,7 @@ def load_checkpoint(
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    set_rng_states(state["rng"])
     if state["batches"] is not None:
         if not hasattr(batches, "load_state_dict"):
             raise ValueError("the checkpoint saved a data position: pass the batches (a RandomBatches) to restore it")

@@ -281,6 +281,46 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_a_run_with_dropout_resumes_exactly_only_with_its_random_generator_restored(tmp_path):
+    config = TrainConfig(steps=8, lr=1e-2, min_lr=1e-3)
+    dropout = GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.2)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = GPT(dropout)
+        return model, make_optimizer(model, config), random_batches(TOKENS, 4, 8, seed=seed)
+
+    model, optimizer, batches = fresh(0)
+    full = train(model, batches, config, optimizer=optimizer, progress=False)
+    model, optimizer, batches = fresh(0)
+    train(model, batches, config, optimizer=optimizer, stop_after=4, progress=False)
+    save_checkpoint(tmp_path / "run.pt", model, optimizer, next_step=4, batches=batches)
+
+    model, optimizer, batches = fresh(1)
+    start = load_checkpoint(tmp_path / "run.pt", model, optimizer, batches=batches)
+    assert train(model, batches, config, optimizer=optimizer, start_step=start, progress=False).loss == full.loss[4:]
+
+    model, optimizer, batches = fresh(1)
+    load_checkpoint(tmp_path / "run.pt", model, optimizer, batches=batches)
+    torch.manual_seed(1)  # what a load_checkpoint that forgot the random generators would leave
+    assert train(model, batches, config, optimizer=optimizer, start_step=start, progress=False).loss != full.loss[4:]
+
+
+def test_the_cuda_generators_are_saved_and_restored_when_cuda_is_present(tmp_path, monkeypatch):
+    saved = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    model = tiny_model()
+    optimizer = make_optimizer(model, TrainConfig(steps=1))
+    save_checkpoint(tmp_path / "c.pt", model, optimizer, next_step=0)
+    load_checkpoint(tmp_path / "c.pt", model, optimizer)
+    assert set(restored) == {0, 1}
+    assert all(torch.equal(restored[device], state) for device, state in enumerate(saved))
+
+
 def test_resume_arguments_are_checked(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match=r"start_step must be an int in \[0, steps=2\)"):
