@@ -1,9 +1,10 @@
 """Tokenizers: characters, and byte-level BPE written out by hand, checked against the `tokenizers` library.
 
-Byte-level BPE (GPT-2's): text -> UTF-8 bytes, each byte shown as one printable character (so a space is
-"Ġ"), split into words by GPT-2's regular expression, then the most frequent adjacent pair of symbols is
-merged into a new symbol, again and again, until the vocabulary has the size asked for. Because every byte
-is in the base vocabulary, any Unicode text round-trips and no character is ever unknown.
+Byte-level BPE (GPT-2's): the text is split into words by GPT-2's regular expression (on the Unicode
+characters: it matches letters and digits), each word is written as its UTF-8 bytes, each byte shown as one
+printable character (so a space is "Ġ"), then the most frequent adjacent pair of symbols is merged into a new
+symbol, again and again, until the vocabulary has the size asked for. Because every byte is in the base
+vocabulary, any Unicode text round-trips and no character is ever unknown.
 
 Special tokens (`<|endoftext|>`, `[MASK]`, ...) are cut out of the text first, longest first, in training and
 in encoding: each becomes its single id, and no merge is ever learned from a piece of one.
@@ -22,10 +23,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers takes most of a second to import; only train_hf_bpe needs it
+    from transformers import PreTrainedTokenizerFast
 
 # GPT-2's pre-tokenizer: contractions, runs of letters, of digits, of other symbols, each with one leading
 # space; whitespace kept apart. Merges never cross these boundaries.
@@ -287,7 +291,8 @@ def _merge_pair(word: list[int], pair: tuple[int, int], new_id: int) -> list[int
 
 def train_hf_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """The same byte-level BPE trained by the `tokenizers` library (fast, in Rust) and wrapped for
-    `transformers`. Special tokens named like [PAD], [MASK], [CLS], [SEP], [UNK] get those roles.
+    `transformers`. Special tokens named [PAD], [MASK], [CLS], [SEP], [UNK] and <|endoftext|> get the roles
+    pad, mask, cls, sep, unk and eos (`tokenizer.eos_token` is then "<|endoftext|>").
 
     The texts are cut at special tokens before training, as `ByteBPE.train` does: `tokenizers`' trainer
     would otherwise learn merges from their characters ("<|", "|>", ...)."""
@@ -309,4 +314,6 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence
     roles = {"[PAD]": "pad_token", "[MASK]": "mask_token", "[CLS]": "cls_token", "[SEP]": "sep_token",
              "[UNK]": "unk_token", "<|endoftext|>": "eos_token"}  # fmt: skip
     named = {roles[s]: s for s in specials if s in roles}
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **named)

@@ -103,9 +103,10 @@ def test_hf_bpe_learns_the_same_merges_ids_and_encodings(bpe):
 
 
 def test_hf_bpe_gives_special_tokens_their_roles():
-    hf = train_hf_bpe([TEXT], 300, special_tokens=["[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]"])
-    assert (hf.pad_token, hf.mask_token, hf.cls_token, hf.sep_token) == ("[PAD]", "[MASK]", "[CLS]", "[SEP]")
-    assert hf.convert_tokens_to_ids("[MASK]") == 1
+    hf = train_hf_bpe([TEXT], 300, special_tokens=["[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]", "<|endoftext|>"])
+    roles = (hf.pad_token, hf.mask_token, hf.cls_token, hf.sep_token, hf.unk_token, hf.eos_token)
+    assert roles == ("[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]", "<|endoftext|>")
+    assert hf.convert_tokens_to_ids("[MASK]") == 1 and hf.eos_token_id == 5
 
 
 @pytest.mark.parametrize("seed", range(40))
