@@ -149,7 +149,8 @@ WIDGETS = [
 NOTEBOOKS = sorted({case.notebook for case in WIDGETS})
 
 
-def require_browser() -> None:
+def browser_missing() -> list[str]:
+    """What the browser test lacks on this machine, in words; empty when it can run."""
     from importlib.util import find_spec
 
     missing = []
@@ -157,6 +158,11 @@ def require_browser() -> None:
         missing.append(f"Chromium at {CHROMIUM} (run `make browser-deps`, or `apt-get install chromium` as root)")
     if find_spec("playwright") is None:
         missing.append("the playwright package (run `make setup`)")
+    return missing
+
+
+def require_browser() -> None:
+    missing = browser_missing()
     if not missing:
         return
     message = "browser test needs " + " and ".join(missing)
