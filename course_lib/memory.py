@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 from course_lib.arguments import positive_int
 
-GiB = 2**30  # device memory is binary: an "80 GB" GPU holds 80 GiB (80 × 2³⁰ bytes)
+GiB = 2**30  # device memory is sized in binary units: an A100 sold as "80 GB" holds 80 GiB (80 × 2³⁰ bytes)
 ADAM_STATES = {"adam": 2, "sgd_momentum": 1, "sgd": 0}  # fp32 tensors per parameter the optimizer keeps
 
 
@@ -170,8 +170,12 @@ def sharded_state_bytes(
 def activation_elements_per_layer(shape: ModelShape, batch: int, seq: int, attention: str = "fused") -> int:
     """Elements one block saves for backward (counted for the course GPT's pre-LN block, chapter 08):
     LayerNorm inputs and outputs (4 BTd) and their mean and 1/std (4 BT), q, k, v (BT(d + 2 kv)), the attention
-    output (BTd), the MLP's hidden pre- and post-activation (2 BT d_ff). Fused attention (SDPA, flash) keeps one
-    log-sum-exp per query and head (BHT); a plain implementation keeps the BHT² softmax probabilities instead."""
+    output (BTd), the MLP's hidden pre- and post-activation (2 BT d_ff; SwiGLU's three Linear layers save 4 BT d_ff).
+    Fused attention (SDPA, flash) keeps one log-sum-exp per query and head (BHT). `attention="explicit"` counts
+    one B·H·T² tensor, the softmax probabilities, instead: a lower bound, since chapter 08 measured the course's
+    plain path keeping two such tensors and a boolean mask (9 bytes per pair in fp32, 5 in bf16).
+    Not counted: dropout masks (dropout 0, as the course trains) and, for LLaMA as `transformers` writes it,
+    the normalised x each RMSNorm keeps for its gain's gradient (2BTd more per layer, measured in chapter 08)."""
     positive_int("batch", batch)
     positive_int("seq", seq)
     bt, d = batch * seq, shape.d_model
@@ -256,7 +260,14 @@ def per_device_memory(
     """Bytes on one device. Tensor and pipeline parallelism split the model (each device holds 1/(tp·pp) of the
     weights and of each micro-batch's activations: with 1F1B the first stage keeps pp micro-batches in flight,
     each over L/pp layers); ZeRO splits the states over the dp replicas from stage 1 (optimizer) to 3
-    (parameters). `batch` is the micro-batch per data-parallel replica. Inference keeps weights and the KV cache."""
+    (parameters). `batch` is the micro-batch per data-parallel replica. Inference keeps weights and the KV cache.
+
+    Dividing *every* activation by tp assumes Megatron's sequence parallelism (Korthikanti et al. 2022: sbh(34/t +
+    5as/(ht)) bytes per layer), which splits the LayerNorm inputs, outputs and statistics and the checkpointed
+    block inputs along the sequence. Without it those (4d + 4)·B·T elements per layer (B·T·d with
+    checkpointing) stay whole on every tensor-parallel rank and only the rest is divided by tp (chapter 08 prints
+    the difference for LLaMA-2 7B). Not counted: the loss's B·T·V log-softmax, the one block whose activations
+    backward rebuilds at a time under checkpointing, temporary buffers and allocator fragmentation."""
     if not isinstance(shape, ModelShape):
         raise TypeError(f"shape must be a ModelShape, got {type(shape).__name__}")
     if parallel.tp > shape.n_head or shape.n_head % parallel.tp:

@@ -289,6 +289,9 @@ def test_memory_calculator_default_shows_the_first_model_unsharded():
     # 124,439,808 parameters x 16 bytes (2 + 2 + 12) = 1.85 GiB of states: fits an 80 GiB GPU
     assert calculator_gib(calculator)[:3] == [0.232, 0.232, 1.391]
     assert "fits in 80 GiB" in calculator.verdict.value
+    # what it assumes and leaves out is shown with the numbers
+    assert "sequence parallelism" in calculator.notes.value and "log-softmax" in calculator.notes.value
+    assert [value for _, value in calculator.gpu.options] == [24, 40, 80]  # GiB as the GPUs report them
 
 
 def test_memory_calculator_controls_drive_the_numbers():
@@ -323,6 +326,7 @@ def test_memory_calculator_says_when_it_does_not_fit_and_when_settings_are_impos
         ({"model": "GPT-5"}, ValueError, "model must be one of"),
         ({"precision": "fp8"}, ValueError, "precision must be one of"),
         ({"gpu_gib": 12}, ValueError, "gpu_gib must be one of"),
+        ({"gpu_gib": 141}, ValueError, "gpu_gib must be one of"),  # an H200's "141 GB" is not 141 GiB
         ({"presets": {"x": "not a shape"}}, TypeError, "presets must map names"),
     ],
 )

@@ -1,9 +1,14 @@
 """The memory calculator: pick a model, a batch, a precision recipe, an optimizer, activation checkpointing or
 inference, a ZeRO stage and the data / tensor / pipeline degrees, and see the bytes on one device, by component,
-against a GPU's memory, in GiB (2³⁰ bytes): GPU memory is binary, so an "80 GB" GPU holds 80 GiB.
+against a GPU's memory, in GiB (2³⁰ bytes): GPU memory is sized in binary units (an A100 sold as "80 GB" holds
+80 GiB), so the GPU sizes offered are GiB.
 
 Every number is `course_lib.memory.per_device_memory`, the formulas chapter 08 checks against measurements, so
-the widget shows exactly what the chapter proved (and, for settings no laptop can run, what it predicts).
+the widget shows exactly what the chapter proved (and, for settings no laptop can run, what it predicts). The
+same assumptions hold: tensor parallelism divides every activation by tp, as Megatron's sequence parallelism
+does (without it the LayerNorm inputs, outputs and statistics stay whole on each rank), and the loss's B·T·V
+log-softmax, the block being recomputed under checkpointing, temporary buffers and fragmentation are not counted.
+The widget says so under its table (`ASSUMPTIONS`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from course_lib.widgets.render import SnapshotMixin, figure_to_png, html_table
 
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "kv_cache")
 COLORS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5", "#d53f8c")
-GPU_MEMORY_GIB = (24, 40, 80, 141)
+GPU_MEMORY_GIB = (24, 40, 80)  # GiB, as GPUs report it (an A100 "80 GB" reports 81,920 MiB)
+ASSUMPTIONS = (
+    "tensor ∥ divides every activation by tp (Megatron with sequence parallelism). Not counted: the "
+    "loss's B·T·V log-softmax, the block recomputed under checkpointing, temporary buffers, fragmentation."
+)
 
 PRESETS = {
     "GPT-2 small (124M)": ModelShape("GPT-2 small", n_layer=12, d_model=768, n_head=12, vocab_size=50257,
@@ -61,6 +70,8 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
         self.image = widgets.Image(format="png")
         self.table = widgets.HTML()
         self.verdict = widgets.HTML()
+        self.notes = widgets.HTML(f'<p class="course-memory-notes" style="font-size:0.85em;max-width:28em">'
+                                  f"{html.escape(ASSUMPTIONS)}</p>")  # fmt: skip
         self.add_class("course-memory-calculator")
         for control, css in ((self.seq, "seq"), (self.batch, "batch"), (self.zero, "zero"), (self.dp, "dp"),
                              (self.tp, "tp"), (self.pp, "pp")):  # fmt: skip
@@ -73,7 +84,7 @@ class MemoryCalculator(SnapshotMixin, widgets.VBox):
             widgets.HBox([self.model, self.precision, self.optimizer, self.gpu]),
             widgets.HBox([self.seq, self.batch, self.checkpointing, self.inference]),
             widgets.HBox([self.zero, self.dp, self.tp, self.pp]),
-            widgets.HBox([self.image, widgets.VBox([self.table, self.verdict])]),
+            widgets.HBox([self.image, widgets.VBox([self.table, self.verdict, self.notes])]),
         ])  # fmt: skip
         self.update()
 
