@@ -111,8 +111,8 @@ def test_matmul_intensity_by_hand():
     assert matmul_intensity(1, 4096, 4096) < 1 < matmul_intensity(4096, 4096, 4096)
 
 
-def test_zero_stages_reproduce_the_zero_papers_figure_1():
-    # Rajbhandari et al. 2019, figure 1: 7.5B parameters, 64 data-parallel GPUs, mixed precision Adam (K = 12)
+def test_zero_stages_reproduce_the_zero_papers_table_1():
+    # Rajbhandari et al. 2019, Table 1: 7.5B parameters, 64 data-parallel GPUs, mixed precision Adam (K = 12)
     gb = [sharded_state_bytes(7.5e9, RECIPES["mixed"], dp=64, zero_stage=s).total / 1e9 for s in range(4)]
     assert [round(g, 2) for g in gb] == [120.0, 31.41, 16.64, 1.88]
 
