@@ -64,14 +64,16 @@ class DeepSpeedSettings:
 def build(settings: DeepSpeedSettings) -> dict:
     """The DeepSpeed config for these settings (validated). The optimizer is torch's AdamW ("torch_adam": no
     compiled kernel needed) or torch's SGD without momentum, which ZeRO runs only when told it may
-    ("zero_allow_untested_optimizer"); the learning rate is set by the training loop every step unless `schedule`
-    hands it to DeepSpeed's WarmupCosineLR."""
+    ("zero_allow_untested_optimizer"). With the optimizer offloaded, AdamW is left to DeepSpeed, which then picks
+    its compiled CPU Adam (`torch_adam` would make it run torch's AdamW on the CPU tensors, far slower). The
+    learning rate is set by the training loop every step unless `schedule` hands it to DeepSpeed's WarmupCosineLR."""
     if settings.optimizer == "sgd":
         optimizer = {"type": "SGD", "params": {"lr": settings.lr, "weight_decay": settings.weight_decay}}
     else:
         optimizer = {"type": "AdamW", "params": {"lr": settings.lr, "betas": list(settings.betas),
-                                                 "weight_decay": settings.weight_decay,
-                                                 "torch_adam": True}}  # fmt: skip
+                                                 "weight_decay": settings.weight_decay}}  # fmt: skip
+        if settings.offload_optimizer == "none":
+            optimizer["params"]["torch_adam"] = True
     config = {
         "train_batch_size": settings.micro_batch * settings.accumulation * settings.world_size,
         "train_micro_batch_size_per_gpu": settings.micro_batch,

@@ -114,3 +114,28 @@ def test_the_deepspeed_schedule_is_handed_over_and_lags_the_loops_by_two_steps()
     assert deepspeed_lrs[2:5] == pytest.approx(ours[0:3])  # its warmup is the loop's, two steps late
     assert max(ours) == pytest.approx(settings.lr) and max(deepspeed_lrs) < settings.lr  # it never reaches the peak
     assert schedule.get_lr()[0] == pytest.approx(settings.min_lr)  # at total_num_steps: min_lr, as the loop's end
+
+
+def deepspeed_optimizer_choice(config: dict) -> type:
+    """The optimizer class DeepSpeed's engine would build for `config` (its own selection code, no engine)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine = SimpleNamespace(_config=DeepSpeedConfig(config), zenflow=False)
+    engine.zero_use_cpu_optimizer = lambda: DeepSpeedEngine.zero_use_cpu_optimizer(engine)
+    engine.bf16_optimizer_states = lambda: DeepSpeedEngine.bf16_optimizer_states(engine)
+    params = dict(config["optimizer"]["params"])
+    return DeepSpeedEngine.get_optimizer_configuration(engine, params, adam_w_mode=True)[0]
+
+
+def test_an_offloaded_optimizer_is_deepspeeds_cpu_adam_and_otherwise_torchs_adamw():
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    settings = DeepSpeedSettings(micro_batch=1, world_size=1, zero_stage=2)
+    assert deepspeed_optimizer_choice(build(settings)) is torch.optim.AdamW
+    offloaded = build(DeepSpeedSettings(micro_batch=1, world_size=1, zero_stage=2, offload_optimizer="cpu"))
+    assert "torch_adam" not in offloaded["optimizer"]["params"]
+    assert deepspeed_optimizer_choice(offloaded) is DeepSpeedCPUAdam

@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD"}  # torch's classes, which DeepSpeed's ZeRO optimizers wrap
+
+
 class Setting(NamedTuple):
     zero_stage: int
     accumulation: int = 1
@@ -116,12 +119,17 @@ def micro_batches(x, y, args, rank: int, world: int, accumulation: int) -> Itera
 
 
 def held_bytes(engine) -> dict[str, int]:
-    """Deduplicated bytes of this rank's parameters (ZeRO-3: its partitions) and optimizer state."""
+    """Deduplicated bytes of this rank's parameters (ZeRO-3: its partitions), optimizer state, and the fp32 copy
+    of its partition that ZeRO's optimizer updates (stages 1-2: `single_partition_of_fp32_groups`, stage 3:
+    `fp32_partitioned_groups_flat`), counted only where its storage is not the parameters' own."""
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    copies = [*getattr(engine.optimizer, "single_partition_of_fp32_groups", []),
+              *getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])]  # fmt: skip
     return {"parameters": storage_bytes(params),
             "optimizer": storage_bytes(t for state in base.state.values() for t in state.values()
-                                       if isinstance(t, torch.Tensor))}  # fmt: skip
+                                       if isinstance(t, torch.Tensor)),
+            "fp32_copy": storage_bytes([*params, *copies]) - storage_bytes(params)}  # fmt: skip
 
 
 def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: Setting,
@@ -148,8 +156,8 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: S
     stepper = EngineStepper(engine, loss_factor=world if setting.sum_gradients else 1.0)
     history = train(engine, batches, config, optimizer=optimizer, stepper=stepper, progress=False)
     result = setting._asdict() | {
-        "micro_batch": settings.micro_batch, "local_loss": history.loss, "grad_norm": history.grad_norm,
-        "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
+        "micro_batch": engine.train_micro_batch_size_per_gpu(), "local_loss": history.loss,
+        "grad_norm": history.grad_norm, "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
         "optimizer_class": type(optimizer).__name__}  # fmt: skip
     label = (f"zero{stage}-acc{accumulation}-{setting.optimizer}" + ("-summed" if setting.sum_gradients else "")
              + ("" if setting.clip else "-unclipped"))  # fmt: skip
@@ -205,12 +213,13 @@ def main() -> None:
     for setting in settings:
         runs.append(run(args, data, rank, world, setting, save_weights=args.controls))
         if rank == 0:
-            done = runs[-1]
+            done, name = runs[-1], OPTIMIZER_NAMES[setting.optimizer]
+            wrapper = "" if done["optimizer_class"] == name else f" in {done['optimizer_class']}"
             print(f"ZeRO-{setting.zero_stage}, micro-batch {done['micro_batch']} x {setting.accumulation} on {world} "
                   f"ranks: {statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per "
-                  f"rank, {done['optimizer_class']}" + ("" if setting.clip else ", unclipped")
+                  f"rank, {name}{wrapper}" + ("" if setting.clip else ", unclipped")
                   + (", gradients summed" if setting.sum_gradients else "")
-                  + f", last local loss {done['local_loss'][-1]:.4f}")  # fmt: skip
+                  + f", rank 0's last loss {done['local_loss'][-1]:.4f}")  # fmt: skip
     several = args.sweep or args.controls
     save_result({"rank": rank, "world": world, "runs": runs, "deepspeed_log": logged.messages}
                 | (runs[0] if not several else {}))  # fmt: skip
