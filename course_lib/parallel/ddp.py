@@ -24,7 +24,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
@@ -121,7 +120,11 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, optimizer: str =
     else:
         cls, params = torch.optim.AdamW, decay_groups(model, config.weight_decay)
         options = {"lr": config.lr, "betas": config.betas}
-    return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options) if sharded else cls(params, **options)
+    if not sharded:
+        return cls(params, **options)
+    from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: it pulls in FSDP, a second to load
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options)
 
 
 def single_process_run(args: argparse.Namespace, optimizer: str = "adamw") -> tuple[GPT, list[float]]:
