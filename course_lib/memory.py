@@ -311,7 +311,9 @@ class Cluster:
 @dataclass(frozen=True)
 class Plan:
     """One way to lay a training run out on a cluster, with its memory per GPU and an estimated step time
-    (compute at an assumed MFU, plus the pipeline bubble and the communication, not overlapped: an upper bound).
+    (compute at an assumed utilisation, plus the pipeline bubble and the communication, not overlapped). It is an
+    estimate, not a bound: overlap makes a real step faster; what it leaves out (the all-reduces of checkpointing's
+    recompute, kernel launches, stragglers) makes it slower.
     GPUs are numbered tensor-parallel first, then data-parallel, then pipeline stage (Megatron's order), so a
     tensor-parallel group shares a node and the pipeline's neighbours are the farthest apart."""
 
@@ -346,7 +348,8 @@ def plan_parallelism(
     and dividing the heads, at most one pipeline stage per layer) × ZeRO stage, with micro-batches of one sequence.
     Best first: plans that fit before plans that do not, then by estimated step time, then by memory (headroom).
     Stages that do not divide the layers evenly are costed as the average stage (frameworks balance them, counting
-    the embeddings too)."""
+    the embeddings too). `mfu` is the fraction of the GPUs' peak at which the counted FLOPs run; with
+    checkpointing they include the recompute, so it is strictly a hardware FLOP utilisation (HFU)."""
     positive_int("seq", seq)
     positive_int("global_batch", global_batch)
     if not 0 < mfu <= 1:
@@ -364,6 +367,7 @@ def plan_parallelism(
             dp = cluster.gpus // (tp * pp)
             micro_batches = global_batch // dp  # per pipeline and step, one sequence each
             # per layer 2 all-reduces forward + 2 backward of one (seq x d) activation, ring traffic, over NVLink
+            # (checkpointing's recomputed forward adds 2 more per layer, left out)
             tensor_comm_s = (4 * 2 * (tp - 1) / tp * activation_bytes_ * shape.n_layer / pp * micro_batches
                              / cluster.intra_node_bytes_per_s)  # fmt: skip
             bubble_s = compute_s * (pp - 1) / micro_batches
