@@ -1,14 +1,15 @@
 """Tensor parallelism (Megatron-LM): one GPT block's MLP and attention split across ranks, first with explicit
 collectives, then with torch.distributed.tensor.parallel on a DeviceMesh.
 
-The MLP's first layer is split by output columns (each rank computes d_ff/N hidden units from the whole input),
-its second by input rows (each rank multiplies its hidden units by its rows and gets a partial sum); one all-reduce
-adds the partial sums. Attention is split by heads: q, k, v column-parallel (a rank owns H/N whole heads),
-out_proj row-parallel, again one all-reduce. Backward mirrors it: one all-reduce of the input's gradient per
-module. Two autograd functions carry the collectives (Megatron's f and g); a counter records each all-reduce.
-Two negative controls: `--wrong-shard` gives each rank its neighbour's rows of the MLP's second weight, and
-`--f-without-all-reduce` plants the most common tensor-parallel bug, an f that passes the gradient back without
-summing it over the ranks (forward is unchanged, so the outputs stay right while the input gradients are wrong).
+The MLP's first layer is split by output features, the rows of nn.Linear's (out, in) weight (each rank computes
+d_ff/N hidden units from the whole input), its second by input features, the weight's columns (each rank multiplies
+its hidden units by its columns and gets a partial sum); one all-reduce adds the partial sums. Attention is split
+by heads: q, k, v column-parallel (a rank owns H/N whole heads), out_proj row-parallel, again one all-reduce.
+Backward mirrors it: one all-reduce of the input's gradient per module. Two autograd functions carry the
+collectives (Megatron's f and g); a counter records each all-reduce. Two negative controls: `--wrong-shard` gives
+each rank its neighbour's columns of the MLP's second weight, and `--f-without-all-reduce` plants the most common
+tensor-parallel bug, an f that passes the gradient back without summing it over the ranks (forward is unchanged,
+so the outputs stay right while the input gradients are wrong).
 
 Run: torchrun --nproc-per-node 2 -m course_lib.parallel.tensor_parallel [--mode dtensor] [--wrong-shard]
      [--f-without-all-reduce]
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=("explicit", "dtensor"), default="explicit")
-    p.add_argument("--wrong-shard", action="store_true", help="explicit mode: each rank takes its neighbour's rows")
+    p.add_argument("--wrong-shard", action="store_true", help="explicit mode: neighbour's W2 columns")
     p.add_argument("--f-without-all-reduce", action="store_true", help="explicit mode: f's backward forgets its sum")
     return p
 
@@ -116,8 +117,8 @@ class ReduceFromParallel(torch.autograd.Function):
 
 
 def shard(full: nn.Linear, dim: int, rank: int, world: int) -> nn.Linear:
-    """This rank's slice of a Linear: dim 0 = output columns (column-parallel), dim 1 = input rows (row-parallel,
-    bias left out: it is added once, after the sum)."""
+    """This rank's slice of a Linear's (out, in) weight: dim 0 = output features (column-parallel), dim 1 = input
+    features (row-parallel, bias left out: it is added once, after the sum)."""
     weight = full.weight.detach().chunk(world, dim=dim)[rank]
     part = nn.Linear(weight.shape[1], weight.shape[0], bias=dim == 0 and full.bias is not None, dtype=weight.dtype)
     with torch.no_grad():
