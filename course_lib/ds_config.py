@@ -94,7 +94,7 @@ def build(settings: DeepSpeedSettings) -> dict:
             "warmup_num_steps": settings.warmup_steps,
             "warmup_min_ratio": 0.0,
             "warmup_type": "linear",
-            "cos_min_ratio": settings.min_lr / settings.lr,
+            "cos_min_ratio": round(settings.min_lr / settings.lr, 12),  # 0.1, not 0.09999999999999999
         }
         config["scheduler"] = {"type": "WarmupCosineLR", "params": params}
     if settings.precision == "bf16":

@@ -156,7 +156,8 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: S
     stepper = EngineStepper(engine, loss_factor=world if setting.sum_gradients else 1.0)
     history = train(engine, batches, config, optimizer=optimizer, stepper=stepper, progress=False)
     result = setting._asdict() | {
-        "micro_batch": engine.train_micro_batch_size_per_gpu(), "local_loss": history.loss,
+        "micro_batch": engine.train_micro_batch_size_per_gpu(), "engine_zero_stage": engine.zero_optimization_stage(),
+        "engine_accumulation": engine.gradient_accumulation_steps(), "local_loss": history.loss,
         "grad_norm": history.grad_norm, "tokens_per_s": history.tokens_per_s, "held_bytes": held_bytes(engine),
         "optimizer_class": type(optimizer).__name__}  # fmt: skip
     label = (f"zero{stage}-acc{accumulation}-{setting.optimizer}" + ("-summed" if setting.sum_gradients else "")
@@ -215,9 +216,9 @@ def main() -> None:
         if rank == 0:
             done, name = runs[-1], OPTIMIZER_NAMES[setting.optimizer]
             wrapper = "" if done["optimizer_class"] == name else f" in {done['optimizer_class']}"
-            print(f"ZeRO-{setting.zero_stage}, micro-batch {done['micro_batch']} x {setting.accumulation} on {world} "
-                  f"ranks: {statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} tokens/s per "
-                  f"rank, {name}{wrapper}" + ("" if setting.clip else ", unclipped")
+            print(f"ZeRO-{setting.zero_stage}, micro-batch {done['micro_batch']}, accumulation {setting.accumulation}, "
+                  f"{world} ranks: {statistics.median(done['tokens_per_s'][1:] or done['tokens_per_s']):,.0f} "
+                  f"tokens/s per rank, {name}{wrapper}" + ("" if setting.clip else ", unclipped")
                   + (", gradients summed" if setting.sum_gradients else "")
                   + f", rank 0's last loss {done['local_loss'][-1]:.4f}")  # fmt: skip
     several = args.sweep or args.controls
