@@ -53,7 +53,8 @@ def parser(controls: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB")
+    p.add_argument("--bucket-mb", type=float, default=None,
+                   help="DDP gradient bucket cap in MiB (default: DDP's own, 25 MiB with a first bucket of 1 MiB)")
     p.add_argument("--no-sync", action="store_true", help="no DDP, no all-reduce: each rank trains on its shard")
     p.add_argument("--profile", action="store_true", help="trace one extra step with torch.profiler")
     if controls:
@@ -146,7 +147,8 @@ def summed_allreduce_hook(state, bucket):  # unannotated: DDP inspects the annot
 
 
 def wrap(model: torch.nn.Module, args: argparse.Namespace) -> DistributedDataParallel:
-    """The model in DDP with buckets of `--bucket-mb` MiB; with `--sum-gradients` the buckets are summed."""
+    """The model in DDP with buckets of `--bucket-mb` MiB (None: DDP's default, 25 MiB, the first bucket 1 MiB);
+    with `--sum-gradients` the buckets are summed."""
     wrapped = DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
     if args.sum_gradients:
         wrapped.register_comm_hook(None, summed_allreduce_hook)

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--kill-once-rank", type=int, default=None, help="this rank is killed in the first attempt")
     args = parser.parse_args()
     me = init()
-    print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}, pid {os.getpid()}")
+    print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}")
     if me.rank == args.fail_rank:
         raise RuntimeError(f"rank {me.rank} was told to fail")
     if me.rank == args.kill_once_rank and me.attempt == 0:

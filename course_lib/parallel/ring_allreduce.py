@@ -70,16 +70,22 @@ def main() -> None:
     args = parser.parse_args()
     me = init()
     result = {"world": me.world, "sizes": args.sizes, "bytes_sent": [], "max_error_vs_all_reduce": [],
-              "ring_s": [], "all_reduce_s": [], "first_result": None}  # fmt: skip
+              "max_error_vs_sum": [], "ring_s": [], "all_reduce_s": [], "first_result": None,
+              "first_reduce_scatter_only": None}  # fmt: skip
     for size in args.sizes:
         x = rank_tensor(me.rank, size)
         reference = x.clone()
-        dist.all_reduce(reference)  # the library's all-reduce, to compare with
+        dist.all_reduce(reference)  # the library's all-reduce (a sum, as the ring's), to compare with
         ring = x.clone()
         result["bytes_sent"].append(ring_allreduce(ring, allgather=not args.no_allgather))
         result["max_error_vs_all_reduce"].append((ring - reference).abs().max().item())
+        expected = sum(rank_tensor(r, size) for r in range(me.world))  # every rank's tensor, from its seed
+        result["max_error_vs_sum"].append((ring - expected).abs().max().item())
         if result["first_result"] is None:
             result["first_result"] = ring.tolist()
+            partial = x.clone()  # the negative control: reduce-scatter without the all-gather
+            ring_allreduce(partial, allgather=False)
+            result["first_reduce_scatter_only"] = partial.tolist()
         result["ring_s"].append(timed(lambda x=x: ring_allreduce(x.clone()), args.repeats))
         result["all_reduce_s"].append(timed(lambda x=x: dist.all_reduce(x.clone()), args.repeats))
         if me.rank == 0:
