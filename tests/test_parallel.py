@@ -231,6 +231,15 @@ def test_zero1_keeps_optimizer_state_only_for_the_parameters_a_rank_owns(tmp_pat
         assert volumes(result) == {"allreduce_": result["n_params"], "broadcast_": result["n_params"]}
 
 
+def test_zero1_whose_owners_do_not_broadcast_trains_differently(tmp_path):
+    results = zero_run("zero1", ["--skip-sync"], tmp_path)
+    reference, _ = ddp.single_process_run(ddp.parser().parse_args(["--steps", "4", "--dtype", "float64"]))
+    assert all("broadcast_" not in volumes(r) for r in results)
+    final = torch.load(results[0]["weights"])
+    assert not torch.allclose(torch.cat([final[n].flatten() for n, _ in reference.named_parameters()]),
+                              torch.cat([p.detach().flatten() for p in reference.parameters()]), atol=1e-6)
+
+
 def test_fsdp_that_sums_the_gradients_trains_sgd_differently(tmp_path):
     results = zero_run("fsdp", ["--optimizer", "sgd", "--sum-gradients"], tmp_path)
     args = ddp.parser(controls=True).parse_args(["--steps", "4", "--dtype", "float64", "--optimizer", "sgd"])

@@ -9,7 +9,8 @@ Each rank reports the bytes it holds, counted as the deduplicated storage of its
 it issued in one more training step (counted as they pass through PyTorch's dispatcher), and the model's final
 weights; with `--checkpoint` the FSDP run also saves a sharded torch.distributed.checkpoint that a single process
 can load. `--optimizer sgd` and `--sum-gradients` (the negative control: gradients summed over the ranks, not
-averaged) are `course_lib.parallel.ddp`'s.
+averaged) are `course_lib.parallel.ddp`'s; `--skip-sync` (zero1, a negative control) keeps each owner's updated
+parameters to itself, and `--same-shard` has every rank read the same data.
 
 Run: torchrun --nproc-per-node 2 -m course_lib.parallel.zero --mode fsdp [--checkpoint]
 The model, data and schedule are `course_lib.parallel.ddp`'s, so `ddp.single_process_run` is the reference.
@@ -37,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="fsdp")
     p.add_argument("--checkpoint", action="store_true", help="fsdp: save a sharded checkpoint (DCP)")
     p.add_argument("--same-shard", action="store_true", help="every rank reads rank 0's shard (no sampler): wrong")
+    p.add_argument("--skip-sync", action="store_true",
+                   help="zero1: owners do not broadcast their updated parameters, the others keep stale ones: wrong")
     return p
 
 
@@ -96,6 +99,10 @@ def main() -> None:
         wrapped = ddp.wrap(model, args)
     # the reference's optimizer; for ZeRO-1 its state split over the ranks
     optimizer = ddp.make_optimizer(model, config, args.optimizer, sharded=args.mode == "zero1")
+    if args.skip_sync:
+        if args.mode != "zero1":
+            raise ValueError("--skip-sync belongs to --mode zero1")
+        optimizer._sync_params = lambda: None  # step() updates the owned shard and sends nothing: the bug
     shard = 0 if args.same_shard else me.rank  # the negative control: the sampler forgotten, all read shard 0
     history = train(wrapped, ddp.shard_batches(x, y, args, shard, me.world), config, optimizer=optimizer,
                     progress=False)  # fmt: skip
