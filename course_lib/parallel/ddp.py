@@ -140,8 +140,9 @@ def single_process_run(args: argparse.Namespace, optimizer: str = "adamw") -> tu
 
 def summed_allreduce_hook(state, bucket):  # unannotated: DDP inspects the annotations, which are strings here
     """The bug `--sum-gradients` plants: all-reduce (sum) a bucket of gradients (a dist.GradBucket) and forget to
-    divide by the number of ranks. DDP's default hook divides each bucket by N first, so that every rank ends with
-    the mean gradient. Returns the future of the bucket's summed tensor, as a DDP communication hook must."""
+    divide by the number of ranks. Without a hook, DDP divides each gradient by N as it copies it into the bucket;
+    with one, the hook must divide (as torch's `allreduce_hook` does). Returns the future of the bucket's summed
+    tensor, as a DDP communication hook must."""
     work = dist.all_reduce(bucket.buffer(), async_op=True)
     return work.get_future().then(lambda done: done.value()[0])
 

@@ -92,8 +92,9 @@ def main() -> None:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        if args.sum_gradients:
-            model.set_gradient_divide_factor(1.0)  # the reduce-scatter sums and nothing divides: the bug
+        if args.sum_gradients:  # the bug: the reduce-scatters sum and nothing divides. The factor is set per
+            for module in (model, *model.blocks):  # FSDP module (it does not recurse), so on each of them
+                module.set_gradient_divide_factor(1.0)
         wrapped = model
     else:
         wrapped = ddp.wrap(model, args)
