@@ -8,7 +8,7 @@ margin), so a reader sees why it holds and not just a silent assert. A claim tha
 - `refute(...)`: the negative control, a deliberately wrong variant that must *not* meet the tolerance;
 - `claim_at_least`, `claim_at_most`, `claim_between`: a bound, printed with its margin;
 - `summary()`: ends a chapter; it keeps the latest result per claim name, so a claim broken while
-  experimenting and then fixed does not block the chapter.
+  experimenting and then fixed does not block the chapter, and returns the counts the chapter asserts on.
 
 Agreement is elementwise |measured - expected| <= atol + rtol * |expected| (NumPy's isclose), with NaN equal
 to NaN and equal infinities equal. A claim whose measured and expected values are both plain booleans is a
@@ -279,7 +279,16 @@ def claim_between(name: str, measured: Any, low: Any, high: Any) -> None:
     _bound(name, measured, low, high)
 
 
-def summary() -> None:
+@dataclass(frozen=True)
+class Summary:
+    """What a chapter proved: its claims (the latest result under each name) and how many are negative controls,
+    so that the chapter can assert it refuted at least one wrong variant."""
+
+    claims: int
+    negatives: int
+
+
+def summary() -> Summary:
     """End a chapter: one line if every claim holds (the latest result under each name), else raise with
     the names of those that do not."""
     latest = {c.name: c for c in CLAIMS}
@@ -290,3 +299,4 @@ def summary() -> None:
         raise AssertionError(f"{len(failed)} of {len(latest)} claims do not hold: {'; '.join(failed)}")
     negatives = sum(c.negated for c in latest.values())
     print(f"{len(latest)} claims, all hold ({negatives} of them negative controls)")
+    return Summary(len(latest), negatives)

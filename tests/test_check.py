@@ -195,8 +195,9 @@ def test_summary_counts_the_latest_result_of_each_claim(fresh_claims, capsys):
     claim("a", 1, 1)
     refute("b", 1.0, 2.0)
     claim_at_least("c", 3, 2)
-    summary()
+    report = summary()
     assert capsys.readouterr().out.splitlines()[-1] == "3 claims, all hold (1 of them negative controls)"
+    assert (report.claims, report.negatives) == (3, 1)
 
 
 def test_summary_forgives_a_claim_broken_and_then_fixed(fresh_claims, capsys):

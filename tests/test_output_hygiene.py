@@ -79,5 +79,9 @@ def test_at_most_one_claim_in_five_is_a_bare_boolean(path):
 @pytest.mark.parametrize("path", CHAPTERS, ids=ids(CHAPTERS))
 def test_chapter_ends_its_claims_with_check_summary(path):
     sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-    assert any("summary()" in s for s in sources), "end the chapter's claims with course_lib.check.summary()"
+    ends = [s for s in sources if "summary()" in s]
+    assert ends, "end the chapter's claims with course_lib.check.summary()"
+    assert any("assert report.negatives >= 1" in s for s in ends), (
+        "assert on summary()'s report that the chapter refuted at least one wrong variant"
+    )
     assert not any("len(CLAIMS)" in s for s in sources), "summary() replaces the CLAIMS-counting cell"
