@@ -89,12 +89,11 @@ def main() -> None:
     if args.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        if args.sum_gradients:  # the bug: the reduce-scatters sum and nothing divides. The factor is set per
-            for module in (model, *model.blocks):  # FSDP module (it does not recurse), so on each of them
-                module.set_gradient_divide_factor(1.0)
+        sharded = [*model.blocks, model]  # each block its own FSDP unit, then the root with what is left
+        for module in sharded:
+            fully_shard(module)
+            if args.sum_gradients:  # the bug: the reduce-scatters sum and nothing divides. The factor is set
+                module.set_gradient_divide_factor(1.0)  # per FSDP unit (it does not recurse), so on each
         wrapped = model
     else:
         wrapped = ddp.wrap(model, args)
