@@ -9,8 +9,9 @@ Three instruments, each counting something different:
 - `net_allocated_bytes`: what the profiler saw allocated and not freed while a function ran. tracemalloc cannot
   see tensor memory, and a process's resident memory (RSS) counts everything the allocator keeps for the whole
   process, so on a CPU this is the honest "memory held afterwards" of one call.
-And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU), and `last_level_cache_bytes`,
-the size a buffer must exceed for a timing to measure main memory rather than the cache.
+And `matmul_flops_per_s`, the peak a model's FLOP rate is compared with (MFU), `cpu_has_16bit_matmul`, whether
+that peak can be reached in bf16 or fp16 at all, and `last_level_cache_bytes`, the size a buffer must exceed for a
+timing to measure main memory rather than the cache.
 """
 
 from __future__ import annotations
@@ -121,6 +122,18 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 5, dtype: torch.dtype = 
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def cpu_has_16bit_matmul(dtype: torch.dtype) -> bool:
+    """Whether oneDNN, the CPU math library PyTorch calls, has a matmul kernel in `dtype` (bfloat16 or float16) for
+    this CPU: the check PyTorch makes before using one. oneDNN's bf16 kernels need AVX-512 or AVX2-VNNI-2 (AMX is
+    faster still); without a kernel, PyTorch multiplies 16-bit matrices in a generic loop, many times slower than
+    fp32, so a 16-bit speed-up on a CPU depends on this answer."""
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in checks:
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype!r}")
+    check = getattr(torch.ops.mkldnn, checks[dtype], None)  # private ops: absent from builds without oneDNN
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
 
 
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from course_lib.measure import (
+    cpu_has_16bit_matmul,
     last_level_cache_bytes,
     matmul_flops_per_s,
     net_allocated_bytes,
@@ -73,6 +74,13 @@ def test_matmul_peak_is_a_positive_rate_and_arguments_are_checked():
         matmul_flops_per_s(size=0)
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         matmul_flops_per_s(repeats=0)
+
+
+def test_16bit_matmul_support_is_a_yes_or_no_and_other_dtypes_are_refused():
+    for dtype in (torch.bfloat16, torch.float16):
+        assert isinstance(cpu_has_16bit_matmul(dtype), bool)
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float16, got torch.float32"):
+        cpu_has_16bit_matmul(torch.float32)
 
 
 def test_the_profiler_logs_nothing_into_the_output(capfd):
