@@ -126,9 +126,9 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 5, dtype: torch.dtype = 
 
 def cpu_has_16bit_matmul(dtype: torch.dtype) -> bool:
     """Whether oneDNN, the CPU math library PyTorch calls, has a matmul kernel in `dtype` (bfloat16 or float16) for
-    this CPU: the check PyTorch makes before using one. oneDNN's bf16 kernels need AVX-512 or AVX2-VNNI-2 (AMX is
-    faster still); without a kernel, PyTorch multiplies 16-bit matrices in a generic loop, many times slower than
-    fp32, so a 16-bit speed-up on a CPU depends on this answer."""
+    this CPU: PyTorch's own check (it also keeps very small matrices off oneDNN). bf16 needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, fp16 AVX512-FP16 or AVX-NE-CONVERT. Without a kernel PyTorch multiplies 16-bit matrices in a
+    generic loop, many times slower than fp32, so any 16-bit speed-up on a CPU starts with this answer."""
     checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
     if dtype not in checks:
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype!r}")
