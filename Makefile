@@ -73,7 +73,7 @@ lint: setup
 
 test: setup lint browser-deps
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=$(CELL_TIMEOUT) --nbval-sanitize-with=tests/nbval_sanitize.cfg
+		--nbval-cell-timeout=$(CELL_TIMEOUT) --nbval-sanitize-with=tests/nbval_sanitize.cfg --durations=20
 
 bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
