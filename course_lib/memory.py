@@ -5,7 +5,7 @@ Memory per device is one `MemoryBreakdown`: parameters, gradients, optimizer sta
 first three come from a `PrecisionRecipe` (bytes per parameter for each); activations from what autograd saves
 per layer (counted for the course's GPT and checked byte for byte in chapter 08); the KV cache from the keys and
 values an inference server keeps. FLOPs per token follow the 6N rule (8N with activation checkpointing) plus
-attention's term that grows with the context.
+attention's term that grows with the context. `course_lib.planner` lays these out on a cluster (chapter 14).
 """
 
 from __future__ import annotations
@@ -256,18 +256,19 @@ def per_device_memory(
     checkpointing: bool = False,
     parallel: Parallelism = Parallelism(),
     inference: bool = False,
+    sequence_parallel: bool = True,
 ) -> MemoryBreakdown:
     """Bytes on one device. Tensor and pipeline parallelism split the model (each device holds 1/(tp·pp) of the
     weights and of each micro-batch's activations: with 1F1B the first stage keeps pp micro-batches in flight,
     each over L/pp layers); ZeRO splits the states over the dp replicas from stage 1 (optimizer) to 3
     (parameters). `batch` is the micro-batch per data-parallel replica. Inference keeps weights and the KV cache.
 
-    Dividing *every* activation by tp assumes Megatron's sequence parallelism (Korthikanti et al. 2022: sbh(34/t +
-    5as/(ht)) bytes per layer), which splits the LayerNorm inputs, outputs and statistics and the checkpointed
-    block inputs along the sequence. Without it those (4d + 4)·B·T elements per layer (B·T·d with
-    checkpointing) stay whole on every tensor-parallel rank and only the rest is divided by tp (chapter 08 prints
-    the difference for LLaMA-2 7B). Not counted: the loss's B·T·V log-softmax, the one block whose activations
-    backward rebuilds at a time under checkpointing, temporary buffers and allocator fragmentation."""
+    Dividing *every* activation by tp (the default) assumes Megatron's sequence parallelism (Korthikanti et al.
+    2022: sbh(34/t + 5as/(ht)) bytes per layer), which splits the LayerNorm inputs, outputs and statistics and the
+    checkpointed block inputs along the sequence. `sequence_parallel=False` keeps those (4d + 4)·B·T elements per
+    layer (B·T·d with checkpointing: all of them) whole on every tensor-parallel rank and divides only the rest by
+    tp (chapter 08 prints the difference for LLaMA-2 7B). Not counted: the loss's B·T·V log-softmax, the one block
+    whose activations backward rebuilds at a time under checkpointing, temporary buffers and allocator fragmentation."""
     if not isinstance(shape, ModelShape):
         raise TypeError(f"shape must be a ModelShape, got {type(shape).__name__}")
     if parallel.tp > shape.n_head or shape.n_head % parallel.tp:
@@ -282,106 +283,8 @@ def per_device_memory(
         kv = kv_cache_bytes(shape, batch, seq, recipe.activation_bytes) / model_split
         return MemoryBreakdown(parameters=weights, kv_cache=kv)
     states = sharded_state_bytes(shape.n_params / model_split, recipe, optimizer, parallel.dp, parallel.zero_stage)
-    activations = activation_bytes(shape, batch, seq, recipe.activation_bytes, checkpointing) / parallel.tp
-    return states + MemoryBreakdown(activations=activations)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """What a planner needs to know about the machines: how many GPUs, how they are grouped into nodes, their
-    memory, their peak FLOP rate, and the bandwidth inside a node (NVLink) and between nodes (network), per GPU."""
-
-    gpus: int
-    gpus_per_node: int
-    gpu_bytes: float  # device memory in bytes: an "80 GB" A100 holds 80 * GiB
-    peak_flops: float
-    intra_node_bytes_per_s: float
-    inter_node_bytes_per_s: float
-
-    def __post_init__(self) -> None:
-        positive_int("gpus", self.gpus)
-        positive_int("gpus_per_node", self.gpus_per_node)
-        if self.gpus % self.gpus_per_node:
-            raise ValueError(f"gpus={self.gpus} must be whole nodes of gpus_per_node={self.gpus_per_node}")
-        for name in ("gpu_bytes", "peak_flops", "intra_node_bytes_per_s", "inter_node_bytes_per_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One way to lay a training run out on a cluster, with its memory per GPU and an estimated step time
-    (compute at an assumed utilisation, plus the pipeline bubble and the communication, not overlapped). It is an
-    estimate, not a bound: overlap makes a real step faster; what it leaves out (the all-reduces of checkpointing's
-    recompute, kernel launches, stragglers) makes it slower.
-    GPUs are numbered tensor-parallel first, then data-parallel, then pipeline stage (Megatron's order), so a
-    tensor-parallel group shares a node and the pipeline's neighbours are the farthest apart."""
-
-    parallel: Parallelism
-    memory: MemoryBreakdown
-    fits: bool
-    compute_s: float
-    bubble_s: float
-    tensor_comm_s: float
-    pipeline_comm_s: float
-    data_comm_s: float
-
-    @property
-    def step_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.tensor_comm_s + self.pipeline_comm_s + self.data_comm_s
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def plan_parallelism(
-    shape: ModelShape,
-    cluster: Cluster,
-    seq: int,
-    global_batch: int,
-    recipe: PrecisionRecipe = RECIPES["mixed"],
-    checkpointing: bool = True,
-    mfu: float = 0.5,
-) -> list[Plan]:
-    """Every layout of the cluster's GPUs as data × tensor × pipeline parallel (tensor parallelism inside a node
-    and dividing the heads, at most one pipeline stage per layer) × ZeRO stage, with micro-batches of one sequence.
-    Best first: plans that fit before plans that do not, then by estimated step time, then by memory (headroom).
-    Stages that do not divide the layers evenly are costed as the average stage (frameworks balance them, counting
-    the embeddings too). `mfu` is the fraction of the GPUs' peak at which the counted FLOPs run; with
-    checkpointing they include the recompute, so it is strictly a hardware FLOP utilisation (HFU)."""
-    positive_int("seq", seq)
-    positive_int("global_batch", global_batch)
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu!r}")
-    plans = []
-    tokens = global_batch * seq
-    compute_s = training_flops_per_token(shape, seq, checkpointing) * tokens / (cluster.gpus * cluster.peak_flops * mfu)
-    activation_bytes_ = seq * shape.d_model * recipe.activation_bytes  # one sequence's (seq x d) activation
-    for tp in _divisors(cluster.gpus_per_node):
-        if shape.n_head % tp:
-            continue
-        for pp in range(1, shape.n_layer + 1):
-            if cluster.gpus % (tp * pp) or global_batch % (cluster.gpus // (tp * pp)):
-                continue
-            dp = cluster.gpus // (tp * pp)
-            micro_batches = global_batch // dp  # per pipeline and step, one sequence each
-            # per layer 2 all-reduces forward + 2 backward of one (seq x d) activation, ring traffic, over NVLink
-            # (checkpointing's recomputed forward adds 2 more per layer, left out)
-            tensor_comm_s = (4 * 2 * (tp - 1) / tp * activation_bytes_ * shape.n_layer / pp * micro_batches
-                             / cluster.intra_node_bytes_per_s)  # fmt: skip
-            bubble_s = compute_s * (pp - 1) / micro_batches
-            # each micro-batch's activation goes to the next stage forward and its gradient back, split over tp
-            pipeline_link = cluster.intra_node_bytes_per_s if tp * dp * pp <= cluster.gpus_per_node else \
-                cluster.inter_node_bytes_per_s  # fmt: skip
-            pipeline_comm_s = (pp > 1) * micro_batches * 2 * activation_bytes_ / tp / pipeline_link
-            link = cluster.inter_node_bytes_per_s if dp * tp > cluster.gpus_per_node else cluster.intra_node_bytes_per_s
-            local_params = shape.n_params / (tp * pp)
-            for stage in range(4):
-                parallel = Parallelism(dp, tp, pp, stage)
-                memory = per_device_memory(shape, 1, seq, recipe, "adam", checkpointing, parallel)
-                passes = 3 if stage == 3 else 2  # ZeRO-3 all-gathers weights twice and reduce-scatters gradients
-                data_comm_s = passes * (dp - 1) / dp * local_params * recipe.gradient_bytes / link
-                plans.append(Plan(parallel, memory, memory.total <= cluster.gpu_bytes, compute_s, bubble_s,
-                                  tensor_comm_s, pipeline_comm_s, data_comm_s))  # fmt: skip
-    return sorted(plans, key=lambda p: (not p.fits, p.step_s, p.memory.total))
+    activations = activation_bytes(shape, batch, seq, recipe.activation_bytes, checkpointing)
+    whole = 0 if sequence_parallel else (
+        shape.n_layer * batch * seq * (shape.d_model if checkpointing else 4 * shape.d_model + 4)
+        * recipe.activation_bytes)  # fmt: skip
+    return states + MemoryBreakdown(activations=whole + (activations - whole) / parallel.tp)

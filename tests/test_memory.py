@@ -9,7 +9,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from course_lib.measure import saved_activation_bytes, storage_bytes
 from course_lib.memory import (
     RECIPES,
-    Cluster,
     MemoryBreakdown,
     ModelShape,
     Parallelism,
@@ -18,7 +17,6 @@ from course_lib.memory import (
     kv_cache_bytes,
     matmul_intensity,
     per_device_memory,
-    plan_parallelism,
     sharded_state_bytes,
     state_bytes,
     training_flops_per_token,
@@ -131,6 +129,21 @@ def test_per_device_memory_shards_what_each_stage_shards():
                                 "kv_cache": kv_cache_bytes(shape, 4, 16, 2)}  # fmt: skip
 
 
+def test_without_sequence_parallelism_the_layernorm_activations_stay_whole():
+    # chapter 08's count for LLaMA-2 7B, T = 4096, tp = 8: (4d + 4)·T per layer on every rank, the rest split
+    tp, t = 8, 4096
+    with_sp = per_device_memory(LLAMA2_7B, 1, t, parallel=Parallelism(tp=tp)).activations
+    without_sp = per_device_memory(LLAMA2_7B, 1, t, parallel=Parallelism(tp=tp), sequence_parallel=False).activations
+    replicated = LLAMA2_7B.n_layer * (4 * LLAMA2_7B.d_model + 4) * t * 2
+    assert with_sp == activation_bytes(LLAMA2_7B, 1, t, 2) / tp
+    assert without_sp == replicated + (activation_bytes(LLAMA2_7B, 1, t, 2) - replicated) / tp
+    assert round(without_sp / with_sp, 1) == 2.5  # as chapter 08 prints
+    # checkpointing keeps the block inputs only: without sequence parallelism every rank keeps all of them
+    kept = per_device_memory(LLAMA2_7B, 1, t, checkpointing=True, parallel=Parallelism(tp=tp), sequence_parallel=False)
+    assert kept.activations == activation_bytes(LLAMA2_7B, 1, t, 2, checkpointing=True)
+    assert per_device_memory(LLAMA2_7B, 1, t, sequence_parallel=False) == per_device_memory(LLAMA2_7B, 1, t)  # tp 1
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -159,62 +172,3 @@ def test_bad_inputs_name_the_argument(call, message):
 def test_shape_must_be_a_model_shape():
     with pytest.raises(TypeError, match="shape must be a ModelShape"):
         per_device_memory(CONFIG, 1, 8)
-
-
-TINY = ModelShape("tiny", n_layer=4, d_model=64, n_head=4, vocab_size=100, context=128)
-
-
-def cluster(gpu_bytes=1e12, **kw):
-    return Cluster(**({"gpus": 8, "gpus_per_node": 4, "gpu_bytes": gpu_bytes, "peak_flops": 1e12,
-                       "intra_node_bytes_per_s": 1e11, "inter_node_bytes_per_s": 1e10} | kw))  # fmt: skip
-
-
-def test_the_planner_enumerates_every_legal_layout_and_stage():
-    plans = plan_parallelism(TINY, cluster(), seq=128, global_batch=8)
-    layouts = {(p.parallel.dp, p.parallel.tp, p.parallel.pp) for p in plans}
-    assert layouts == {(8, 1, 1), (4, 1, 2), (2, 1, 4), (4, 2, 1), (2, 2, 2), (1, 2, 4), (2, 4, 1), (1, 4, 2)}
-    assert len(plans) == 4 * len(layouts)  # every ZeRO stage of each
-
-
-def test_a_plan_by_hand():
-    plans = plan_parallelism(TINY, cluster(), seq=128, global_batch=8, checkpointing=False)
-    mine = next(p for p in plans if p.parallel == Parallelism(dp=2, tp=2, pp=2, zero_stage=1))
-    compute = training_flops_per_token(TINY, 128) * 8 * 128 / (8 * 1e12 * 0.5)
-    assert mine.compute_s == pytest.approx(compute)
-    assert mine.bubble_s == pytest.approx(compute * (2 - 1) / 4)  # 8 sequences over dp=2: 4 micro-batches per pipeline
-    assert mine.tensor_comm_s == pytest.approx(4 * 2 * (1 / 2) * 128 * 64 * 2 * (4 / 2) * 4 / 1e11)
-    assert mine.data_comm_s == pytest.approx(2 * (1 / 2) * TINY.n_params / 4 * 2 / 1e11)  # dp x tp = 4 GPUs: one node
-    assert mine.pipeline_comm_s == pytest.approx(4 * 2 * 128 * 64 * 2 / 2 / 1e10)  # the pipeline spans both nodes
-    flat = next(p for p in plans if p.parallel == Parallelism(dp=4, tp=2, pp=1, zero_stage=1))
-    assert flat.pipeline_comm_s == 0 and flat.bubble_s == 0
-    assert mine.memory == per_device_memory(TINY, 1, 128, RECIPES["mixed"], "adam", False, mine.parallel)
-
-
-def test_plans_that_fit_come_first_fastest_first():
-    plans = plan_parallelism(TINY, cluster(), seq=128, global_batch=8)
-    assert all(p.fits for p in plans) and plans[0].step_s == min(p.step_s for p in plans)
-    assert plans[0].parallel.pp == 1 and plans[0].parallel.zero_stage == 2  # no bubble, no ZeRO-3 traffic needed
-    same_time = [p for p in plans if p.step_s == plans[0].step_s]  # ZeRO 0-2 cost the same traffic: least memory first
-    assert [p.parallel.zero_stage for p in same_time] == [2, 1, 0]
-    states = TINY.n_params * 16
-    tight = plan_parallelism(TINY, cluster(gpu_bytes=states / 3), seq=128, global_batch=8)
-    assert all(p.fits for p in tight[: sum(p.fits for p in tight)]) and not tight[-1].fits
-    assert tight[0].memory.total <= states / 3 < per_device_memory(TINY, 1, 128, parallel=Parallelism(dp=8)).total
-    steps = [p.step_s for p in tight if p.fits]
-    assert steps == sorted(steps)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [({"gpus": 6}, "whole nodes of gpus_per_node=4"), ({"peak_flops": 0}, "peak_flops must be positive")],
-)
-def test_bad_clusters_are_refused(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        cluster(**kwargs)
-
-
-def test_bad_plan_arguments_are_refused():
-    with pytest.raises(ValueError, match="mfu must be in"):
-        plan_parallelism(TINY, cluster(), seq=128, global_batch=8, mfu=1.5)
-    with pytest.raises(ValueError, match="global_batch must be a positive int"):
-        plan_parallelism(TINY, cluster(), seq=128, global_batch=0)
