@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 DEVICE_KINDS = ("cuda", "mps", "cpu")
+DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms asks for on CUDA >= 10.2
 
 
 def _available(kind: str) -> bool:
@@ -45,6 +46,20 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device(prefer)
 
 
+def rank_device(local_rank: int) -> torch.device:
+    """The device of a distributed rank: GPU number `local_rank` of its node when CUDA is there, else the CPU.
+    Never Apple's MPS: gloo cannot reduce MPS tensors and MPS has no float64, so on a Mac the ranks run on the CPU
+    (the single-process chapters may still use MPS through `pick_device`)."""
+    if not isinstance(local_rank, int) or isinstance(local_rank, bool) or local_rank < 0:
+        raise ValueError(f"local_rank must be an int >= 0, got {local_rank!r}")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local_rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                         "start at most one rank per GPU")  # fmt: skip
+    return torch.device("cuda", local_rank)
+
+
 def pick_backend(device: torch.device | str | None = None) -> str:
     """The torch.distributed backend for `device`: NCCL for CUDA, gloo for everything else (gloo is
     the one that runs on CPU; NCCL needs GPUs)."""
@@ -64,5 +79,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     os.environ["PYTHONHASHSEED"] = str(seed)  # for subprocesses this process starts
+    if deterministic:  # cuBLAS is deterministic only with a fixed workspace; read when CUDA first runs a matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return torch.Generator().manual_seed(seed)

@@ -32,6 +32,7 @@ import psutil
 from course_lib.arguments import positive_int
 
 RESULT_DIR_ENV = "COURSE_RESULT_DIR"  # where an entry point writes rank{r}.json and any tensors it saves
+RANKS_ON_CPU_ENV = "COURSE_RANKS_ON_CPU"  # "1": more ranks than GPUs here, so the ranks compute on the CPU (gloo)
 PREFIX_RANK_ENV = "COURSE_PREFIX_RANK"  # "1": the ranks tag their own lines (launchers that do not, DeepSpeed's)
 LAUNCHERS = ("torchrun", "deepspeed")
 EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / ".torch_extensions"  # DeepSpeed's compiled ops (make setup)
@@ -49,11 +50,35 @@ class LaunchError(RuntimeError):
         self.exit_codes = exit_codes
 
 
-def deepspeed_accelerator() -> str:
-    """The accelerator DeepSpeed should use, said explicitly (it warns when it has to guess)."""
+def ranks_fit_on_gpus(ranks: int) -> bool:
+    """Whether `ranks` processes on this machine can have a GPU each (NCCL cannot put two ranks on one GPU)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available() and ranks <= torch.cuda.device_count()
+
+
+def deepspeed_accelerator(ranks: int = 1) -> str:
+    """The accelerator DeepSpeed should use for `ranks` ranks on this machine, said explicitly (it warns when it has
+    to guess): CUDA if each rank gets a GPU, else the CPU."""
+    return "cuda" if ranks_fit_on_gpus(ranks) else "cpu"
+
+
+PLATFORMS = ("linux", "darwin", "win32")  # sys.platform of Linux (tested in CI), macOS and Windows (best effort)
+LOOPBACK_INTERFACE = {"linux": "lo", "darwin": "lo0"}
+
+
+def local_rendezvous_env(platform: str = sys.platform) -> dict[str, str]:
+    """The environment for ranks that all run on this machine, on `platform` (sys.platform): the rendezvous address
+    and gloo's interface pinned to the loopback (on macOS gloo otherwise resolves the host name, which often fails),
+    and, on Windows, TCPStore without libuv (torch's Windows builds lack it and torchrun asks for it)."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS} (a sys.platform), got {platform!r}")
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    if platform in LOOPBACK_INTERFACE:
+        env["GLOO_SOCKET_IFNAME"] = LOOPBACK_INTERFACE[platform]
+    if platform == "win32":
+        env["USE_LIBUV"] = "0"
+    return env
 
 
 def free_port() -> int:
@@ -196,9 +221,12 @@ def run_commands(
             RESULT_DIR_ENV: str(results),
             PREFIX_RANK_ENV: str(int(ranks_tag_lines)),
         }
-        env = os.environ | (env or {}) | ours
+        platform_env = local_rendezvous_env(sys.platform) if sys.platform in PLATFORMS else {}
+        env = platform_env | os.environ | (env or {}) | ours  # what the user set wins over the platform's defaults
         env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
-        env.setdefault("DS_ACCELERATOR", deepspeed_accelerator())
+        env.setdefault("DS_ACCELERATOR", deepspeed_accelerator(world))
+        if not ranks_fit_on_gpus(world):  # every rank run_commands starts is on this machine
+            env[RANKS_ON_CPU_ENV] = "1"
         lines: queue.Queue = queue.Queue()
         processes = []
         for node, command in enumerate(commands):

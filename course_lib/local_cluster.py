@@ -6,11 +6,14 @@ stand-ins for those two commands (put first on PATH): `scontrol show hostnames` 
 `localhost` and `127.0.0.1` (two names for this machine, so DeepSpeed's hostfile has two hosts) and `srun` starts
 its command once per node, all at once, each with its own SLURM_NODEID. The launcher the script calls through
 `$PYTHON` is recorded per node (exactly the arguments a cluster would get), so they can be checked with the
-launchers' own argument parsers; `dry_run` records them without starting anything.
+launchers' own argument parsers; `dry_run` records them without starting anything, and checks what would fail on
+the cluster: the ranks the launcher would start against the job's GPUs, and the entry point's arguments against that
+world size (its `check_world`: a global batch that does not split over the ranks, say).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 import sys
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib.arguments import positive_int
-from course_lib.launch import LOCAL_NODE_NAMES, free_port, run_commands
+from course_lib.launch import LOCAL_NODE_NAMES, deepspeed_accelerator, free_port, run_commands
 
 SRUN = """#!/bin/bash
 # stand-in for SLURM's srun: the command once per node, all at once, each task told its node number
@@ -68,6 +71,35 @@ def _write_executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def entry_point_call(launcher_args: list[str]) -> tuple[int, str, list[str]]:
+    """From one node's launcher arguments (after `python`): the ranks the launcher starts in all, the entry-point
+    module, and that module's arguments, read with the launcher's own parser (torchrun's or DeepSpeed's)."""
+    if launcher_args[:2] == ["-m", "torch.distributed.run"]:
+        from torch.distributed.run import get_args_parser
+
+        parsed = get_args_parser().parse_args(launcher_args[2:])
+        return int(parsed.nnodes) * int(parsed.nproc_per_node), parsed.training_script, parsed.training_script_args
+    if launcher_args[:2] == ["-m", "deepspeed.launcher.runner"]:
+        os.environ.setdefault("DS_ACCELERATOR", deepspeed_accelerator())  # said, so DeepSpeed does not warn on import
+        from deepspeed.launcher.runner import parse_args
+
+        parsed = parse_args(launcher_args[2:])
+        return parsed.num_nodes * parsed.num_gpus, parsed.user_script, parsed.user_args
+    raise ValueError(f"not a torchrun or DeepSpeed launch: python {' '.join(launcher_args[:3])} ...")
+
+
+def check_job(launcher_args: list[str], world: int) -> None:
+    """Raise a ValueError saying what would fail on a cluster of `world` GPUs: a launcher starting another number of
+    ranks, or arguments the entry point cannot run with on that many (its parser's and its `check_world`'s errors)."""
+    ranks, module_name, module_args = entry_point_call(launcher_args)
+    if ranks != world:
+        raise ValueError(f"the launcher would start {ranks} ranks, but the job has {world} GPUs")
+    module = importlib.import_module(module_name)
+    args = module.parser().parse_args(module_args)
+    if hasattr(module, "check_world"):
+        module.check_world(args, world)
+
+
 def sbatch_locally(
     script: str | Path,
     args: list[str] = (),
@@ -79,7 +111,8 @@ def sbatch_locally(
     dry_run: bool = False,
 ) -> LocalJob:
     """Run the SLURM batch `script` with `args` as a job of `nodes` nodes with `gpus_per_node` ranks each (one CPU
-    process per "GPU" here); returns each node's launcher arguments and, unless `dry_run`, the ranks' results."""
+    process per "GPU" here); returns each node's launcher arguments and, unless `dry_run`, the ranks' results. A dry
+    run raises a ValueError if the job would fail at that size (`check_job`)."""
     script = Path(script)
     if not script.is_file():
         raise FileNotFoundError(f"script {str(script)!r} does not exist")
@@ -114,4 +147,11 @@ def sbatch_locally(
                                show_output=show_output, env=env)  # fmt: skip
         recorded = [records / f"node{node}.args" for node in range(nodes)]
         launcher_args = [path.read_text().split("\0")[:-1] for path in recorded if path.is_file()]
+        if dry_run:
+            for node_args in launcher_args:
+                try:
+                    check_job(node_args, nodes * gpus_per_node)
+                except ValueError as error:
+                    raise ValueError(f"{script.name} {' '.join(map(str, args))} would fail on {nodes} nodes x "
+                                     f"{gpus_per_node} GPUs: {error}") from None  # fmt: skip
         return LocalJob(launcher_args, results, str(results_folder))

@@ -275,14 +275,14 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     """Restore what rng_states returned; an accelerator's generators wherever that accelerator is present."""
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())  # generator states are CPU bytes, wherever the checkpoint was mapped
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, device)
+            torch.cuda.set_rng_state(state.cpu(), device)
     if states.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(states["mps"])
+        torch.mps.set_rng_state(states["mps"].cpu())
 
 
 def save_checkpoint(
@@ -313,9 +313,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     batches: object | None = None,
     stepper: PlainStepper | None = None,
+    map_location: torch.device | str | None = None,
 ) -> int:
-    """Restore what save_checkpoint saved into fresh objects; returns the step to pass as train(start_step=)."""
-    state = torch.load(path, weights_only=False)
+    """Restore what save_checkpoint saved into fresh objects; returns the step to pass as train(start_step=).
+    `map_location`: where the saved tensors are loaded (a rank's own device: without it, a checkpoint written from
+    cuda:0 lands on GPU 0 in every rank that reads it)."""
+    state = torch.load(path, weights_only=False, map_location=map_location)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"])

@@ -47,7 +47,7 @@ def test_ranks_reading_the_same_shard_train_differently(reference, tmp_path):
 
 
 def test_accumulating_micro_batches_under_deepspeed_trains_like_one_process(reference, tmp_path):
-    args = [*STEPS, *BUCKETS, "--zero-stage", 1, "--accumulation", 2, "--save-checkpoint"]
+    args = [*STEPS, "--batch", 8, *BUCKETS, "--zero-stage", 1, "--accumulation", 2, "--save-checkpoint"]  # global 8
     results = launch("course_lib.parallel.deepspeed_train", args, nproc=2, result_dir=tmp_path, timeout=300,
                      show_output=False)  # fmt: skip
     weights = deepspeed_train.consolidate(results[0]["checkpoint"])

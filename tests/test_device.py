@@ -1,10 +1,11 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from course_lib.device import pick_backend, pick_device, seed_everything
+from course_lib.device import pick_backend, pick_device, rank_device, seed_everything
 
 
 def test_pick_device_prefers_gpu_when_present_else_cpu():
@@ -60,3 +61,30 @@ def test_seed_everything_repeats_every_source_of_randomness():
 def test_seed_everything_rejects_bad_seeds(seed):
     with pytest.raises(ValueError, match="seed must be an int"):
         seed_everything(seed)
+
+
+def test_a_rank_uses_its_own_gpu_or_else_the_cpu_never_mps():
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert rank_device(0) == expected  # on a Mac with MPS too: gloo cannot reduce MPS tensors
+
+
+@pytest.mark.parametrize("local_rank", [-1, 1.0, True, "0"])
+def test_rank_device_refuses_a_bad_local_rank_by_name(local_rank):
+    with pytest.raises(ValueError, match="local_rank must be an int >= 0"):
+        rank_device(local_rank)
+
+
+def test_deterministic_seeding_fixes_cublas_workspace_for_cuda(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seed_everything(0, deterministic=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    seed_everything(0)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_with_gpus_each_rank_takes_its_own_and_a_rank_beyond_them_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device(1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="local_rank 2 has no GPU: this node has 2"):
+        rank_device(2)

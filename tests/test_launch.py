@@ -1,12 +1,15 @@
 """The launcher: results come back indexed by rank; a crash or a hang ends the run with the rank's error and
-leaves no process behind; bad arguments are refused before anything starts."""
+leaves no process behind; bad arguments are refused before anything starts; local runs use the loopback on every
+platform, and a backend that cannot start says what to try."""
 
 import os
+import sys
 
 import psutil
 import pytest
+import torch
 
-from course_lib.launch import LaunchError, launch
+from course_lib.launch import LaunchError, launch, local_rendezvous_env, run_commands
 
 
 def alive(pid: int) -> bool:
@@ -73,3 +76,51 @@ def test_an_elastic_run_restarts_after_a_killed_rank_and_finishes():
     results = launch("course_lib.parallel.hello", ["--kill-once-rank", "1"], nproc=2, max_restarts=1, timeout=90,
                      show_output=False)  # fmt: skip
     assert [r["attempt"] for r in results] == [1, 1] and all(r["sum_of_ranks"] == 1.0 for r in results)
+
+
+@pytest.mark.parametrize(
+    "platform, expected",
+    [("linux", {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}),
+     ("darwin", {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo0"}),
+     ("win32", {"MASTER_ADDR": "127.0.0.1", "USE_LIBUV": "0"})],
+)  # fmt: skip
+def test_local_runs_pin_the_rendezvous_and_gloo_to_the_loopback_of_each_platform(platform, expected):
+    assert local_rendezvous_env(platform) == expected
+
+
+def test_an_unknown_platform_is_refused_by_name():
+    with pytest.raises(ValueError, match="platform must be one of .* got 'cygwin'"):
+        local_rendezvous_env("cygwin")
+
+
+def test_the_launched_processes_get_the_loopback_environment_unless_the_user_set_their_own(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")  # the user's choice wins
+    report = ("import os, json; names = ('MASTER_ADDR', 'GLOO_SOCKET_IFNAME'); open(os.environ['COURSE_RESULT_DIR'] "
+              "+ '/rank0.json', 'w').write(json.dumps({n: os.environ.get(n) for n in names}))")  # fmt: skip
+    [seen] = run_commands([[sys.executable, "-c", report]], world=1, name="env", show_output=False)
+    assert seen == {"MASTER_ADDR": "10.1.2.3", "GLOO_SOCKET_IFNAME": local_rendezvous_env()["GLOO_SOCKET_IFNAME"]}
+
+
+def test_a_backend_that_cannot_start_says_what_to_try(monkeypatch):
+    from course_lib.launch import free_port
+    from course_lib.parallel.common import init
+
+    environment = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(free_port())}  # rank 1 dials a rank 0 that never comes  # fmt: skip
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="(?s)rank 1 could not start gloo at 127.0.0.1.*What to try.*GLOO_SOCKET"):
+        init(timeout_s=1.0)
+
+
+def test_more_ranks_than_gpus_run_on_the_cpu_and_deepspeed_is_told_so(monkeypatch):
+    from course_lib.launch import deepspeed_accelerator, ranks_fit_on_gpus
+    from course_lib.parallel.common import this_rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ranks_fit_on_gpus(1) and not ranks_fit_on_gpus(2)  # a one-GPU laptop running chapter 09's two ranks
+    assert (deepspeed_accelerator(1), deepspeed_accelerator(2)) == ("cuda", "cpu")
+    monkeypatch.setenv("COURSE_RANKS_ON_CPU", "1")
+    assert this_rank_device() == torch.device("cpu")

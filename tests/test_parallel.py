@@ -330,3 +330,22 @@ def test_idle_fractions_measure_each_stage_against_the_whole_step():
     stage1 = {"start": 1.0, "end": 4.0, "events": [("F", 0, 1.0, 2.0), ("B", 0, 2.0, 4.0)]}  # busy 3 of 4
     idle, span = pipeline.idle_fractions([{"steps": [{}, stage0]}, {"steps": [{}, stage1]}])
     assert span == 4.0 and idle == [0.5, 0.25]
+
+
+def test_the_default_batch_is_per_rank_so_any_world_size_works():
+    args = ddp.parser().parse_args([])
+    assert [ddp.for_world(args, world).batch for world in (1, 2, 16)] == [4, 8, 64]
+    assert ddp.for_world(ddp.parser().parse_args(["--micro-batch", "3"]), 4, accumulation=2).batch == 24
+    settled = ddp.for_world(ddp.parser().parse_args(["--batch", "32"]), 16)
+    assert settled.batch == 32 and ddp.for_world(settled, 16).batch == 32  # settling twice changes nothing
+
+
+def test_a_global_batch_that_cannot_split_is_refused_naming_the_per_rank_argument():
+    with pytest.raises(ValueError, match="--batch 8 \\(global\\) does not split over 16 ranks .* --micro-batch"):
+        ddp.for_world(ddp.parser().parse_args(["--batch", "8"]), 16)
+    with pytest.raises(ValueError, match="--batch 8 and --micro-batch 2 disagree"):
+        ddp.for_world(ddp.parser().parse_args(["--batch", "8", "--micro-batch", "2"]), 2)
+    with pytest.raises(ValueError, match="--micro-batch must be at least 1"):
+        ddp.for_world(ddp.parser().parse_args(["--micro-batch", "0"]), 2)
+    with pytest.raises(ValueError, match="not settled: pass the arguments through ddp.for_world"):
+        ddp.dataset(ddp.parser().parse_args([]))

@@ -1,7 +1,8 @@
 """What every distributed entry point shares: joining the process group, writing results, leaving cleanly.
 
-- `init` joins with the backend `course_lib.device` picks (gloo on CPU, NCCL on GPUs) and a short timeout, so a
-  rank whose peer died fails in seconds instead of gloo's default 30 minutes.
+- `init` gives the rank its device (GPU LOCAL_RANK of its node, or the CPU; never Apple's MPS) and joins with the
+  backend for it (gloo on CPU, NCCL on GPUs) and a short timeout, so a rank whose peer died fails in seconds instead
+  of gloo's default 30 minutes. What the rank computes with goes onto that device with `placement.place`.
 - `save_result` writes `rank{r}.json` (and `save_tensors` a `.pt`) into the folder the launcher gives.
 - `finish` ends the run in the order that avoids DDP's abort at exit ("terminate called without an active
   exception"): collect garbage (the caller has dropped its model and optimizer), wait for every rank, then
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from course_lib.device import pick_backend, pick_device
-from course_lib.launch import PREFIX_RANK_ENV, RESULT_DIR_ENV
+from course_lib.device import DETERMINISTIC_CUBLAS_WORKSPACE, pick_backend, rank_device
+from course_lib.launch import PREFIX_RANK_ENV, RANKS_ON_CPU_ENV, RESULT_DIR_ENV
 
 
 class _RankPrefixed:
@@ -47,6 +48,15 @@ if os.environ.get(PREFIX_RANK_ENV) == "1" and "RANK" in os.environ:
     sys.stderr = _RankPrefixed(sys.stderr, os.environ["RANK"])
 
 
+BACKEND_HINT = (
+    "What to try: on one machine, start the ranks with course_lib.launch.launch, which pins the rendezvous and gloo to "
+    "the loopback interface (MASTER_ADDR=127.0.0.1; GLOO_SOCKET_IFNAME=lo on Linux, lo0 on macOS) and sets "
+    "USE_LIBUV=0 on Windows; with torchrun, set those yourself. On a cluster, check that MASTER_ADDR resolves and "
+    "its port is open from every node, and for NCCL run with NCCL_DEBUG=INFO and set NCCL_SOCKET_IFNAME to the "
+    "interface the nodes share."
+)
+
+
 @dataclass(frozen=True)
 class Rank:
     rank: int
@@ -55,24 +65,38 @@ class Rank:
     attempt: int  # 0, then 1, 2, ... after each elastic restart by torchrun (--max-restarts)
 
 
+def this_rank_device() -> torch.device:
+    """cuda:LOCAL_RANK, or the CPU when there is no GPU or the course's launcher started more ranks on this machine
+    than it has GPUs (it then sets COURSE_RANKS_ON_CPU); never Apple's MPS."""
+    if os.environ.get(RANKS_ON_CPU_ENV) == "1":
+        return torch.device("cpu")
+    return rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init(timeout_s: float = 60.0) -> Rank:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)."""
     if "RANK" not in os.environ:
         raise RuntimeError("not started by torchrun: use `torchrun --nproc-per-node N -m <module>` or launch()")
-    device = pick_device()
+    device = this_rank_device()
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)  # before CUDA starts
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # After an elastic restart torchrun's store still holds the previous attempt's addresses; a prefix per attempt
     # keeps a restarted rank from dialling a rank that no longer exists.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts the store itself
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timeout)  # fmt: skip
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    dist.init_process_group(pick_backend(device), store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                            world_size=world, timeout=timeout)  # fmt: skip
+    backend = pick_backend(device)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent_store and rank == 0, timeout=timeout,
+                              use_libuv=os.environ.get("USE_LIBUV", "1") == "1")  # fmt: skip
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)  # fmt: skip
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(f"rank {rank} could not start {backend} at {os.environ['MASTER_ADDR']}:"
+                           f"{os.environ['MASTER_PORT']}: {error}\n{BACKEND_HINT}") from error  # fmt: skip
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return Rank(dist.get_rank(), dist.get_world_size(), device, attempt)
 

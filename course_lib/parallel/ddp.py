@@ -10,7 +10,7 @@ summed gradient shows; AdamW's step m/(√v + ε) barely changes when every grad
 `--profile` records a torch.profiler trace of one more step: when each backward op ran, when each bucket's
 all-reduce was launched and when it ran.
 
-Run: torchrun --nproc-per-node 2 -m course_lib.parallel.ddp --steps 8 --batch 8 [--optimizer sgd]
+Run: torchrun --nproc-per-node 2 -m course_lib.parallel.ddp --steps 8 --micro-batch 4 [--optimizer sgd]
      [--no-sync | --sum-gradients] [--profile]
 `single_process_run(args, optimizer)` trains the same model on the same global batches in one process.
 """
@@ -31,11 +31,13 @@ from course_lib.data import shakespeare_corpus
 from course_lib.device import seed_everything
 from course_lib.measure import quiet_profile
 from course_lib.model import GPT, GPTConfig
-from course_lib.parallel.common import finish, init, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, save_result, save_tensors
+from course_lib.parallel.placement import place, place_each
 from course_lib.tokenizer import CharTokenizer
 from course_lib.train import TrainConfig, decay_groups, lm_loss, train
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_MICRO_BATCH = 4  # windows per rank: 8 a step on the course's 2 ranks, 64 on a cluster's 2 x 8
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -45,7 +47,11 @@ def parser(controls: bool = False) -> argparse.ArgumentParser:
     its own, with the same names)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8, help="global batch: windows per step over all ranks")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help=f"windows per rank per micro-batch (default {DEFAULT_MICRO_BATCH}): the global batch is "
+                        "micro-batch x accumulation x ranks, valid for any number of ranks")
+    p.add_argument("--batch", type=int, default=None,
+                   help="the global batch instead (windows per step, all ranks): must divide by ranks x accumulation")
     p.add_argument("--block", type=int, default=32, help="window length in characters")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -64,6 +70,42 @@ def parser(controls: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def for_world(args: argparse.Namespace, world: int, accumulation: int = 1) -> argparse.Namespace:
+    """`args` with the global batch settled for `world` ranks that each accumulate `accumulation` micro-batches a
+    step: `--batch` if given (it must split evenly), else micro-batch x accumulation x world; the micro-batch is then
+    --batch / (world x accumulation). Raises a ValueError naming the arguments when the batch cannot split, before
+    any rank has started."""
+    for name, value in (("world", world), ("accumulation", accumulation)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for flag, value in (("--batch", args.batch), ("--micro-batch", args.micro_batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    split = world * accumulation
+    if args.batch is None:
+        batch = (args.micro_batch or DEFAULT_MICRO_BATCH) * split
+    elif args.batch % split:
+        raise ValueError(f"--batch {args.batch} (global) does not split over {world} ranks x {accumulation} "
+                         f"micro-batches: give the per-rank --micro-batch instead, or a --batch divisible by {split}")
+    elif args.micro_batch is not None and args.micro_batch * split != args.batch:
+        raise ValueError(f"--batch {args.batch} and --micro-batch {args.micro_batch} disagree on {world} ranks x "
+                         f"{accumulation} micro-batches: give one of them")  # fmt: skip
+    else:
+        batch = args.batch
+    return argparse.Namespace(**vars(args) | {"batch": batch, "micro_batch": None})  # settled: --batch says it all
+
+
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Raise a ValueError if these arguments cannot run on `world` ranks (the dry run of a cluster job asks)."""
+    for_world(args, world)
+
+
+def _global_batch(args: argparse.Namespace) -> int:
+    if args.batch is None:
+        raise ValueError("args.batch is not settled: pass the arguments through ddp.for_world(args, world) first")
+    return args.batch
+
+
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
     # bias=False: a key-projection bias has a zero gradient in exact arithmetic (softmax ignores a constant
     # added to every score), so its rounding noise, normalised by Adam, would decide its update
@@ -76,7 +118,7 @@ def dataset(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int]:
     corpus = shakespeare_corpus()
     tokenizer = CharTokenizer.from_text(corpus.train, unknown="\N{REPLACEMENT CHARACTER}")
     ids = torch.tensor(tokenizer.encode(corpus.train[:400_000]), dtype=torch.long)
-    n = args.steps * args.batch
+    n = args.steps * _global_batch(args)
     starts = torch.randint(len(ids) - args.block - 1, (n,), generator=torch.Generator().manual_seed(args.seed))
     x = torch.stack([ids[s : s + args.block] for s in starts.tolist()])
     y = torch.stack([ids[s + 1 : s + 1 + args.block] for s in starts.tolist()])
@@ -87,7 +129,7 @@ def shard_batches(x: torch.Tensor, y: torch.Tensor, args, rank: int, world: int)
     """This rank's part of every global batch: DistributedSampler shuffles the indices (same seed on every rank)
     and deals them out rank by rank, so step s of all ranks together covers the same windows as step s of one
     process with world=1."""
-    if args.batch % world:
+    if _global_batch(args) % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the number of ranks {world}")
     sampler = DistributedSampler(range(len(x)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     indices, per_rank = list(sampler), args.batch // world
@@ -128,8 +170,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, optimizer: str =
     return ZeroRedundancyOptimizer(params, optimizer_class=cls, **options)
 
 
-def single_process_run(args: argparse.Namespace, optimizer: str = "adamw") -> tuple[GPT, list[float]]:
-    """The reference: one process, the whole global batch each step."""
+def single_process_run(args: argparse.Namespace, optimizer: str = "adamw", ranks: int = 2) -> tuple[GPT, list[float]]:
+    """The reference: one process, the whole global batch each step, for the run on `ranks` ranks with these
+    arguments (its global batch is --batch, or --micro-batch x ranks)."""
+    args = for_world(args, ranks)
     x, y, vocab_size = dataset(args)
     model = build(args, vocab_size)
     config = train_config(args, optimizer)
@@ -189,15 +233,15 @@ def profile_one_step(model, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
     return sorted(rows, key=lambda r: r["start_us"])
 
 
-def main() -> None:
-    args = parser(controls=True).parse_args()
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """Train this rank's shards (under DDP unless --no-sync); losses, step times, weights, buckets, trace."""
     if args.no_sync and args.sum_gradients:
         raise ValueError("--no-sync and --sum-gradients exclude each other: without DDP nothing is summed")
-    me = init()
+    args = for_world(args, me.world)
     x, y, vocab_size = dataset(args)
-    model = build(args, vocab_size).to(me.device)
+    model = place(build(args, vocab_size), me.device)
     wrapped = model if args.no_sync else wrap(model, args)
-    batches = ((bx.to(me.device), by.to(me.device)) for bx, by in shard_batches(x, y, args, me.rank, me.world))
+    batches = place_each(shard_batches(x, y, args, me.rank, me.world), me.device)
     config = train_config(args, args.optimizer)
     start = time.perf_counter()
     history = train(wrapped, batches, config, optimizer=make_optimizer(model, config, args.optimizer), progress=False)
@@ -209,15 +253,18 @@ def main() -> None:
     if not args.no_sync and args.steps > 1:  # DDP rebuilds its buckets after the first step
         result["buckets"] = buckets(wrapped)
     if args.profile:
-        bx, by = next(shard_batches(x, y, args, me.rank, me.world))
+        bx, by = place(next(shard_batches(x, y, args, me.rank, me.world)), me.device)
         dist.barrier()  # both ranks start the traced step together
-        result["trace"] = profile_one_step(wrapped, bx.to(me.device), by.to(me.device))
+        result["trace"] = profile_one_step(wrapped, bx, by)
     if me.rank == 0:
         print(f"{args.steps} steps on {me.world} ranks in {seconds:.2f} s, last local loss {history.loss[-1]:.4f}")
-    del wrapped, model, batches
-    save_result(result)
-    finish()
+    return result
 
+
+def main() -> None:
+    args = parser(controls=True).parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

@@ -36,10 +36,11 @@ import torch
 import torch.distributed as dist
 
 from course_lib.device import pick_backend
-from course_lib.ds_config import DeepSpeedSettings, build
+from course_lib.ds_config import PRECISIONS, DeepSpeedSettings, build
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
-from course_lib.parallel.common import finish, result_dir, save_result, save_tensors
+from course_lib.parallel.common import finish, result_dir, save_result, save_tensors, this_rank_device
+from course_lib.parallel.placement import place_each
 from course_lib.train import decay_groups, train
 
 
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.description = __doc__.splitlines()[0]
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per step")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 or fp16: DeepSpeed's mixed precision")
     p.add_argument("--save-checkpoint", action="store_true")
     p.add_argument("--same-shard", action="store_true", help="every rank reads rank 0's shard: a wrong run")
     p.add_argument("--bucket-elements", type=int, default=None, help="ZeRO bucket size (DeepSpeed's default: 5e8)")
@@ -118,6 +120,11 @@ def micro_batches(x, y, args, rank: int, world: int, accumulation: int) -> Itera
         yield from zip(bx.chunk(accumulation), by.chunk(accumulation), strict=True)
 
 
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Raise a ValueError if the batch cannot split over `world` ranks x --accumulation micro-batches."""
+    ddp.for_world(args, world, 1 if args.sweep else args.accumulation)
+
+
 def held_bytes(engine) -> dict[str, int]:
     """Deduplicated bytes of this rank's parameters (ZeRO-3: its partitions), optimizer state, and the fp32 copy
     of its partition that ZeRO's optimizer updates (stages 1-2: `single_partition_of_fp32_groups`, stage 3:
@@ -143,16 +150,17 @@ def run(args: argparse.Namespace, data: tuple, rank: int, world: int, setting: S
     config = dataclasses.replace(ddp.train_config(args, setting.optimizer), accumulation_steps=accumulation)
     if not setting.clip:
         config = dataclasses.replace(config, grad_clip=None)
-    if args.batch % (world * accumulation):
-        raise ValueError(f"--batch {args.batch} must divide by ranks x accumulation = {world * accumulation}")
-    settings = DeepSpeedSettings(micro_batch=args.batch // world // accumulation, accumulation=accumulation,
-                                 world_size=world, zero_stage=stage, grad_clip=config.grad_clip, lr=config.lr,
+    args = ddp.for_world(args, world, accumulation)  # the global batch is fixed; it must split evenly
+    settings = DeepSpeedSettings(micro_batch=args.batch // (world * accumulation), accumulation=accumulation,
+                                 precision=args.precision, world_size=world, zero_stage=stage,
+                                 grad_clip=config.grad_clip, lr=config.lr,
                                  optimizer=setting.optimizer, betas=config.betas, weight_decay=config.weight_decay,
                                  bucket_elements=args.bucket_elements)  # fmt: skip
     groups = decay_groups(model, config.weight_decay)  # weight decay on matrices only, as the reference
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=build(settings))
     shard = 0 if args.same_shard else rank
-    batches = micro_batches(x, y, args, shard, world, accumulation)
+    # on the device the engine put the model on
+    batches = place_each(micro_batches(x, y, args, shard, world, accumulation), engine.device)
     stepper = EngineStepper(engine, loss_factor=world if setting.sum_gradients else 1.0)
     history = train(engine, batches, config, optimizer=optimizer, stepper=stepper, progress=False)
     result = setting._asdict() | {
@@ -197,9 +205,11 @@ def main() -> None:
     logged = _CollectWarnings()
     logger.addFilter(logged)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints that its shared-memory op was built, every time
-        deepspeed.init_distributed(dist_backend=pick_backend(), timeout=timedelta(seconds=60))
+        deepspeed.init_distributed(dist_backend=pick_backend(this_rank_device()), timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    # the global batch every setting trains on (a sweep keeps it and varies the accumulation)
+    args = ddp.for_world(args, world, 1 if args.sweep else args.accumulation)
     data = ddp.dataset(args)
     if args.sweep:  # every (ZeRO stage, accumulation) for the same global batch, in one launch
         settings = [Setting(stage, acc, args.optimizer, args.sum_gradients, not args.no_clip) for stage in (0, 1, 2, 3)

@@ -23,10 +23,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib.parallel import ddp
-from course_lib.parallel.common import finish, init, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, save_result, save_tensors
+from course_lib.parallel.placement import place, place_each
 from course_lib.train import load_checkpoint, make_optimizer, save_checkpoint, train
 
 CHECKPOINT = "checkpoint.pt"
+
+check_world = ddp.check_world  # which worlds the arguments run on: the batch must split, as for DDP
 
 
 def parser():
@@ -40,19 +43,19 @@ def parser():
     return p
 
 
-def main() -> None:
-    args = parser().parse_args()
-    me = init()
+def run(args, me: Rank) -> dict:
+    """Train from the latest checkpoint (or step 0) to args.steps, checkpointing on the way; losses and weights."""
+    args = ddp.for_world(args, me.world)
     x, y, vocab_size = ddp.dataset(args)
-    model = ddp.build(args, vocab_size).to(me.device)
+    model = place(ddp.build(args, vocab_size), me.device)
     config = ddp.train_config(args)
     optimizer = make_optimizer(model, config)
     checkpoint = args.checkpoint_dir / CHECKPOINT
-    start = load_checkpoint(checkpoint, model, optimizer) if checkpoint.is_file() else 0
+    start = load_checkpoint(checkpoint, model, optimizer, map_location=me.device) if checkpoint.is_file() else 0
     wrapped = DistributedDataParallel(model)
     skip = 0 if args.forget_data_position else start  # the data stream is a function of the step: skip to it
     shards = itertools.islice(ddp.shard_batches(x, y, args, me.rank, me.world), skip, None)
-    batches = ((bx.to(me.device), by.to(me.device)) for bx, by in shards)
+    batches = place_each(shards, me.device)
     if me.rank == 0:
         print(f"attempt {me.attempt}: starting at step {start}" + (" (from the checkpoint)" if start else ""))
     losses = []
@@ -67,11 +70,14 @@ def main() -> None:
                 save_checkpoint(checkpoint.with_suffix(".partial"), model, optimizer, step + 1)
                 checkpoint.with_suffix(".partial").replace(checkpoint)
             dist.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
-    save_result({"rank": me.rank, "attempt": me.attempt, "started_at": start, "steps_run": len(losses),
-                 "local_loss": losses, "weights": save_tensors("weights", dict(model.state_dict()))})  # fmt: skip
-    del wrapped, model, optimizer, batches, shards
-    finish()
+    return {"rank": me.rank, "attempt": me.attempt, "started_at": start, "steps_run": len(losses),
+            "local_loss": losses, "weights": save_tensors("weights", dict(model.state_dict()))}
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ Run: torchrun --nproc-per-node 2 -m course_lib.parallel.expert --experts 4
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.device import seed_everything
-from course_lib.parallel.common import finish, init, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, save_result, save_tensors
+from course_lib.parallel.placement import place
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +117,7 @@ class AllToAllBytes(TorchDispatchMode):
             named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | (kwargs or {})
             tensor, splits = named["input"], list(named["input_split_sizes"])
             splits = splits or [tensor.shape[0] // self.world] * self.world  # no splits: equal parts
-            row = tensor[0].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+            row = math.prod(tensor.shape[1:]) * tensor.element_size()  # bytes per token (also when none is sent)
             self.sent.append((sum(splits) - splits[self.rank]) * row)
         return func(*args, **(kwargs or {}))
 
@@ -153,21 +155,20 @@ def reference_run(args: argparse.Namespace, world: int) -> tuple[torch.Tensor, d
     return out.detach(), {name: p.grad for name, p in moe.named_parameters()} | {"tokens": x.grad}
 
 
-def main() -> None:
-    args = parser().parse_args()
-    me = init()
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """This rank's experts on its tokens: output and gradients saved, traffic counted and measured."""
     if args.experts % me.world:
         raise ValueError(f"--experts {args.experts} must be divisible by the number of ranks {me.world}")
-    moe = build(args).to(me.device)
+    moe = place(build(args), me.device)
     mine = range(me.rank * args.experts // me.world, (me.rank + 1) * args.experts // me.world)
     moe.keep_only(mine)
-    tokens = rank_tokens(args, me.rank).to(me.device).requires_grad_()  # activations: their gradient travels back
+    tokens = place(rank_tokens(args, me.rank), me.device).requires_grad_()  # activations: their gradient travels back
     forward, backward = AllToAllBytes(me.rank, me.world), AllToAllBytes(me.rank, me.world)
     with forward:
         out, traffic = expert_parallel_forward(moe, tokens)
     rows = slice(me.rank * args.tokens, (me.rank + 1) * args.tokens)
     with backward:
-        (out * loss_weights(args, me.world)[rows].to(me.device)).sum().backward()
+        (out * place(loss_weights(args, me.world)[rows], me.device)).sum().backward()
     dist.all_reduce(moe.router.weight.grad)  # replicated weight: sum the ranks' contributions
     grads = {name: p.grad for name, p in moe.named_parameters()} | {"tokens": tokens.grad}
     control = {}
@@ -176,13 +177,16 @@ def main() -> None:
             control["out_unsorted"] = expert_parallel_forward(moe, tokens, unsort=False)[0]
     print(f"rank {me.rank} holds experts {list(mine)}; its tokens chose {traffic['tokens_per_expert_sent']}, "
           f"{traffic['remote_tokens']} of {args.tokens} went to another rank")  # fmt: skip
-    save_result({"rank": me.rank, "experts": list(mine), **traffic,
-                 "measured_bytes_sent": {"forward": forward.sent, "backward": backward.sent},
-                 "parameters": sum(p.numel() for p in moe.parameters()),
-                 "tensors": save_tensors("moe", {"out": out.detach(), **grads, **control})})  # fmt: skip
-    del moe
-    finish()
+    return {"rank": me.rank, "experts": list(mine), **traffic,
+            "measured_bytes_sent": {"forward": forward.sent, "backward": backward.sent},
+            "parameters": sum(p.numel() for p in moe.parameters()),
+            "tensors": save_tensors("moe", {"out": out.detach(), **grads, **control})}  # fmt: skip
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

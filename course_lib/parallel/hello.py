@@ -17,16 +17,20 @@ import time
 import torch
 import torch.distributed as dist
 
-from course_lib.parallel.common import finish, init, save_result
+from course_lib.parallel.common import Rank, finish, init, save_result
+from course_lib.parallel.placement import place
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fail-rank", type=int, default=None, help="this rank raises an error")
-    parser.add_argument("--hang-rank", type=int, default=None, help="this rank never finishes")
-    parser.add_argument("--kill-once-rank", type=int, default=None, help="this rank is killed in the first attempt")
-    args = parser.parse_args()
-    me = init()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fail-rank", type=int, default=None, help="this rank raises an error")
+    p.add_argument("--hang-rank", type=int, default=None, help="this rank never finishes")
+    p.add_argument("--kill-once-rank", type=int, default=None, help="this rank is killed in the first attempt")
+    return p
+
+
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """Say who this rank is, fail or hang if told to, and all-reduce the rank numbers."""
     print(f"rank {me.rank} of {me.world}, backend {dist.get_backend()}, device {me.device}")
     if me.rank == args.fail_rank:
         raise RuntimeError(f"rank {me.rank} was told to fail")
@@ -36,13 +40,17 @@ def main() -> None:
         while True:
             time.sleep(1)
     node = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK", "0"))  # torchrun's name for it, DeepSpeed's
-    total = torch.tensor([float(me.rank)], device=me.device)
+    total = place(torch.tensor([float(me.rank)]), me.device)
     dist.all_reduce(total)
-    save_result({"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
-                 "sum_of_ranks": total.item(), "attempt": me.attempt, "node": int(node),
-                 "local_rank": int(os.environ["LOCAL_RANK"])})  # fmt: skip
-    finish()
+    return {"rank": me.rank, "world": me.world, "backend": dist.get_backend(), "pid": os.getpid(),
+            "sum_of_ranks": total.item(), "attempt": me.attempt, "node": int(node),
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}  # fmt: skip
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

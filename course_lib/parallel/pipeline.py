@@ -26,7 +26,8 @@ from torch import nn
 
 from course_lib.device import seed_everything
 from course_lib.model import GPT, GPTConfig
-from course_lib.parallel.common import finish, init, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, save_result, save_tensors
+from course_lib.parallel.placement import place
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -151,11 +152,10 @@ def single_process_run(args: argparse.Namespace) -> tuple[GPT, list[float]]:
     return model, losses
 
 
-def main() -> None:
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """This rank's stage trained for args.steps steps under the schedule; its events, losses and weights."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    args = parser().parse_args()
-    me = init()
     # the first stage's input (token ids) needs no gradient; its backward hook then fires on the output's, as meant
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
     if args.microbatches < 1 or args.batch % args.microbatches:
@@ -163,15 +163,15 @@ def main() -> None:
     if args.layers % me.world:
         raise ValueError(f"--layers {args.layers} must be divisible by the number of stages {me.world}")
     model = build(args)
+    stage_module = place(Stage(model, me.rank, me.world), me.device)
     names = {id(p): name for name, p in model.named_parameters()}  # the unsplit model's names, to compare with
-    stage_module = Stage(model, me.rank, me.world)
     recorder = Recorder(stage_module, args.sleep_ms / 1000)
     stage = PipelineStage(stage_module, me.rank, me.world, me.device)
     schedule_class = ScheduleGPipe if args.schedule == "gpipe" else Schedule1F1B
     schedule = schedule_class(stage, args.microbatches, loss_fn=loss_fn, scale_grads=not args.no_grad_scaling)
     optimizer = torch.optim.SGD(stage_module.parameters(), lr=args.lr)
     losses, steps = [], []
-    for x, y in batches(args):
+    for x, y in place(batches(args), me.device):
         dist.barrier()  # all stages start the step together
         recorder.events.clear()
         start = time.perf_counter()
@@ -186,13 +186,15 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(torch.stack(micro_losses).mean().item() if micro_losses else None)
-    result = {"rank": me.rank, "world": me.world, "schedule": args.schedule, "microbatches": args.microbatches,
-              "steps": steps, "max_in_flight": max_in_flight(steps[-1]["events"]), "losses": losses,
-              "weights": save_tensors("stage", {names[id(p)]: p for p in stage_module.parameters()})}  # fmt: skip
-    del schedule, stage, stage_module, model, optimizer
-    save_result(result)
-    finish()
+    return {"rank": me.rank, "world": me.world, "schedule": args.schedule, "microbatches": args.microbatches,
+            "steps": steps, "max_in_flight": max_in_flight(steps[-1]["events"]), "losses": losses,
+            "weights": save_tensors("stage", {names[id(p)]: p for p in stage_module.parameters()})}  # fmt: skip
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

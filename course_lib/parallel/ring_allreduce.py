@@ -17,7 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from course_lib.parallel.common import finish, init, save_result
+from course_lib.parallel.common import Rank, finish, init, save_result
+from course_lib.parallel.placement import place
 
 
 def rank_tensor(rank: int, size: int) -> torch.Tensor:
@@ -51,49 +52,59 @@ def ring_allreduce(x: torch.Tensor, allgather: bool = True) -> int:
     return sent
 
 
-def timed(fn, repeats: int) -> float:
-    """The best of `repeats` runs, each started together on all ranks: the least disturbed by other work."""
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """The best of `repeats` runs, each started together on all ranks: the least disturbed by other work. On a GPU
+    the clock stops when the GPU has finished, not when the work was queued."""
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024], help="tensor sizes in float32 elements")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per size (best reported)")
-    parser.add_argument("--no-allgather", action="store_true", help="stop after reduce-scatter (a wrong all-reduce)")
-    args = parser.parse_args()
-    me = init()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024], help="tensor sizes in float32 elements")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per size (best reported)")
+    p.add_argument("--no-allgather", action="store_true", help="stop after reduce-scatter (a wrong all-reduce)")
+    return p
+
+
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """This rank's part: the ring and the library's all-reduce on every size, checked and timed."""
     result = {"world": me.world, "sizes": args.sizes, "bytes_sent": [], "max_error_vs_all_reduce": [],
               "max_error_vs_sum": [], "ring_s": [], "all_reduce_s": [], "first_result": None,
               "first_reduce_scatter_only": None}  # fmt: skip
     for size in args.sizes:
-        x = rank_tensor(me.rank, size)
+        x = place(rank_tensor(me.rank, size), me.device)
         reference = x.clone()
         dist.all_reduce(reference)  # the library's all-reduce (a sum, as the ring's), to compare with
         ring = x.clone()
         result["bytes_sent"].append(ring_allreduce(ring, allgather=not args.no_allgather))
         result["max_error_vs_all_reduce"].append((ring - reference).abs().max().item())
-        expected = sum(rank_tensor(r, size) for r in range(me.world))  # every rank's tensor, from its seed
+        expected = place(sum(rank_tensor(r, size) for r in range(me.world)), me.device)  # every rank's, from its seed
         result["max_error_vs_sum"].append((ring - expected).abs().max().item())
         if result["first_result"] is None:
             result["first_result"] = ring.tolist()
             partial = x.clone()  # the negative control: reduce-scatter without the all-gather
             ring_allreduce(partial, allgather=False)
             result["first_reduce_scatter_only"] = partial.tolist()
-        result["ring_s"].append(timed(lambda x=x: ring_allreduce(x.clone()), args.repeats))
-        result["all_reduce_s"].append(timed(lambda x=x: dist.all_reduce(x.clone()), args.repeats))
+        result["ring_s"].append(timed(lambda x=x: ring_allreduce(x.clone()), args.repeats, me.device))
+        result["all_reduce_s"].append(timed(lambda x=x: dist.all_reduce(x.clone()), args.repeats, me.device))
         if me.rank == 0:
             print(f"size {size:>9,}: ring {1e3 * result['ring_s'][-1]:8.3f} ms, all_reduce "
                   f"{1e3 * result['all_reduce_s'][-1]:8.3f} ms, sent {result['bytes_sent'][-1]:,} B")  # fmt: skip
-    save_result(result)
-    finish()
+    return result
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,8 @@ from torch import nn
 from course_lib.device import seed_everything
 from course_lib.measure import storage_bytes
 from course_lib.model import Block, GPTConfig
-from course_lib.parallel.common import finish, init, local, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, local, save_result, save_tensors
+from course_lib.parallel.placement import place
 
 COMMUNICATION: list[dict] = []  # every all-reduce of the explicit version: where, and how many bytes
 
@@ -120,7 +121,8 @@ def shard(full: nn.Linear, dim: int, rank: int, world: int) -> nn.Linear:
     """This rank's slice of a Linear's (out, in) weight: dim 0 = output features (column-parallel), dim 1 = input
     features (row-parallel, bias left out: it is added once, after the sum)."""
     weight = full.weight.detach().chunk(world, dim=dim)[rank]
-    part = nn.Linear(weight.shape[1], weight.shape[0], bias=dim == 0 and full.bias is not None, dtype=weight.dtype)
+    part = nn.Linear(weight.shape[1], weight.shape[0], bias=dim == 0 and full.bias is not None, dtype=weight.dtype,
+                     device=weight.device)  # fmt: skip
     with torch.no_grad():
         part.weight.copy_(weight)
         if part.bias is not None:
@@ -176,12 +178,12 @@ def run_explicit(args, block: Block, x: torch.Tensor, probe: torch.Tensor, rank:
     return result | {"tensors": save_tensors("explicit", tensors)}
 
 
-def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int) -> dict:
+def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int, device: torch.device) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device.type, (world,))  # on the ranks' devices: "cuda" over NCCL, "cpu" over gloo
     plans = {"mlp": {"fc": ColwiseParallel(), "proj": RowwiseParallel()},
              "attn": {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
                       "out_proj": RowwiseParallel()}}  # fmt: skip
@@ -202,22 +204,24 @@ def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int) 
     return result | {"tensors": save_tensors("dtensor", tensors)}
 
 
-def main() -> None:
-    args = parser().parse_args()
-    me = init()
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """This rank's shard of the block: outputs and gradients saved, all-reduces (or DTensor's comms) counted."""
     if args.mode == "dtensor" and (args.wrong_shard or args.f_without_all_reduce):
         raise ValueError("--wrong-shard and --f-without-all-reduce change the explicit version: use --mode explicit")
     if args.heads % me.world:
         raise ValueError(f"--heads {args.heads} must be divisible by the number of ranks {me.world}")
-    block, x, probe = reference(args)
+    block, x, probe = place(reference(args), me.device)
     if args.mode == "explicit":
         result = run_explicit(args, block, x, probe, me.rank, me.world)
     else:
-        result = run_dtensor(block, x, probe, me.world)
-    del block
-    save_result(result | {"rank": me.rank, "world": me.world, "mode": args.mode})
-    finish()
+        result = run_dtensor(block, x, probe, me.world, me.device)
+    return result | {"rank": me.rank, "world": me.world, "mode": args.mode}
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()

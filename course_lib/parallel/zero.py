@@ -26,10 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.measure import storage_bytes
 from course_lib.parallel import ddp
-from course_lib.parallel.common import finish, init, local, result_dir, save_result, save_tensors
+from course_lib.parallel.common import Rank, finish, init, local, result_dir, save_result, save_tensors
+from course_lib.parallel.placement import place, place_each
 from course_lib.train import lm_loss, train
 
 MODES = ("ddp", "zero1", "fsdp")
+
+check_world = ddp.check_world  # which worlds the arguments run on: the batch must split, as for DDP
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,20 +81,23 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     }
 
 
-def main() -> None:
-    args = parser().parse_args()
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """Train under the mode, then one more step with its collectives counted; bytes held, weights, and (fsdp) the
+    checkpoint."""
     if args.no_sync or args.profile:
         raise ValueError("--no-sync and --profile belong to course_lib.parallel.ddp")
-    me = init()
+    args = ddp.for_world(args, me.world)
     x, y, vocab_size = ddp.dataset(args)
-    model = ddp.build(args, vocab_size)
+    model = place(ddp.build(args, vocab_size), me.device)
     config = ddp.train_config(args, args.optimizer)
     if args.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(me.device.type, (me.world,))  # shards on the ranks' devices
         sharded = [*model.blocks, model]  # each block its own FSDP unit, then the root with what is left
         for module in sharded:
-            fully_shard(module)
+            fully_shard(module, mesh=mesh)
             if args.sum_gradients:  # the bug: the reduce-scatters sum and nothing divides. The factor is set
                 module.set_gradient_divide_factor(1.0)  # per FSDP unit (it does not recurse), so on each
         wrapped = model
@@ -104,8 +110,8 @@ def main() -> None:
             raise ValueError("--skip-sync belongs to --mode zero1")
         optimizer._sync_params = lambda: None  # step() updates the owned shard and sends nothing: the bug
     shard = 0 if args.same_shard else me.rank  # the negative control: the sampler forgotten, all read shard 0
-    history = train(wrapped, ddp.shard_batches(x, y, args, shard, me.world), config, optimizer=optimizer,
-                    progress=False)  # fmt: skip
+    batches = place_each(ddp.shard_batches(x, y, args, shard, me.world), me.device)
+    history = train(wrapped, batches, config, optimizer=optimizer, progress=False)
     full = {name: full_tensor(p) for name, p in model.named_parameters()}  # all-gathered: every rank gets all
     result = {"rank": me.rank, "world": me.world, "mode": args.mode, "local_loss": history.loss,
               "n_params": sum(p.numel() for p in full.values()), "weights": save_tensors("weights", full)}  # fmt: skip
@@ -117,7 +123,7 @@ def main() -> None:
         dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
         result["checkpoint"] = str(path)
     # one more step, after the weights were saved: its collectives counted, its gradients left to be measured
-    bx, by = next(ddp.shard_batches(x, y, args, me.rank, me.world))
+    bx, by = place(next(ddp.shard_batches(x, y, args, me.rank, me.world)), me.device)
     with CollectiveCounter() as counter:
         lm_loss(wrapped, bx, by).backward()
         optimizer.step()
@@ -129,10 +135,13 @@ def main() -> None:
         result["owned_numel"], result["owned_tensors"] = sum(p.numel() for p in owned), len(owned)
     if args.mode == "fsdp":
         result["local_numel"] = [local(p).numel() for p in params]
-    del wrapped, model, optimizer, params
-    save_result(result)
-    finish()
+    return result
 
+
+def main() -> None:
+    args = parser().parse_args()
+    save_result(run(args, init()))
+    finish()
 
 if __name__ == "__main__":
     main()
