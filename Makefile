@@ -15,7 +15,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # DeepSpeed's compiled ops live inside the project (ignored), built once by `make setup`.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: setup lab course chapter test lint bench browser-deps screenshots clean
+.PHONY: setup lab course chapter test lint bench gpu-smoke browser-deps screenshots clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,11 @@ lint: setup
 test: setup lint browser-deps
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=$(CELL_TIMEOUT) --nbval-sanitize-with=tests/nbval_sanitize.cfg --durations=20
+
+# On a machine with CUDA GPUs (and the CUDA build of torch): every entry point with NCCL, DeepSpeed ZeRO 1-3 in bf16,
+# chapter 05 on the GPU, each against its single-process reference; prints a table. Not part of `make test`.
+gpu-smoke: setup
+	$(BIN)/python benchmarks/gpu_smoke.py
 
 bench: setup
 	$(BIN)/python benchmarks/notebook_times.py
