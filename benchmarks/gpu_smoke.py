@@ -103,7 +103,7 @@ def entry_point_checks(smoke: Smoke) -> None:
 
         return measure
 
-    reference = ddp.single_process_run(ddp.parser().parse_args(FLOAT64), ranks=world)[0].state_dict()
+    reference = dict(ddp.single_process_run(ddp.parser().parse_args(FLOAT64), ranks=world)[0].named_parameters())
 
     def data_parallel(module, extra):
         def measure():

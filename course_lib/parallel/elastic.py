@@ -50,6 +50,7 @@ def run(args, me: Rank) -> dict:
     model = place(ddp.build(args, vocab_size), me.device)
     config = ddp.train_config(args)
     optimizer = make_optimizer(model, config)
+    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a fresh job's folder, or the one it resumes from
     checkpoint = args.checkpoint_dir / CHECKPOINT
     start = load_checkpoint(checkpoint, model, optimizer, map_location=me.device) if checkpoint.is_file() else 0
     wrapped = DistributedDataParallel(model)
