@@ -129,7 +129,7 @@ def shard_batches(x: torch.Tensor, y: torch.Tensor, args, rank: int, world: int)
     """This rank's part of every global batch: DistributedSampler shuffles the indices (same seed on every rank)
     and deals them out rank by rank, so step s of all ranks together covers the same windows as step s of one
     process with world=1."""
-    if _global_batch(args) % world:
+    if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the number of ranks {world}")
     sampler = DistributedSampler(range(len(x)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     indices, per_rank = list(sampler), args.batch // world
