@@ -55,8 +55,9 @@ def rank_device(local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local_rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                         "start at most one rank per GPU")  # fmt: skip
+        raise ValueError(f"local_rank {local_rank} has no GPU: this process sees {torch.cuda.device_count()} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                         "one rank per GPU, and let each node's launcher see all of the node's GPUs")  # fmt: skip
     return torch.device("cuda", local_rank)
 
 

@@ -225,8 +225,7 @@ def run_commands(
         env = platform_env | os.environ | (env or {}) | ours  # what the user set wins over the platform's defaults
         env.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
         env.setdefault("DS_ACCELERATOR", deepspeed_accelerator(world))
-        if not ranks_fit_on_gpus(world):  # every rank run_commands starts is on this machine
-            env[RANKS_ON_CPU_ENV] = "1"
+        env[RANKS_ON_CPU_ENV] = "0" if ranks_fit_on_gpus(world) else "1"  # every rank started here is on this machine
         lines: queue.Queue = queue.Queue()
         processes = []
         for node, command in enumerate(commands):

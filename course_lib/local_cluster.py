@@ -71,19 +71,32 @@ def _write_executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+def _parse(parse, arguments: list[str], who: str):
+    """argparse's result, or a ValueError instead of its exit (its message is on stderr already)."""
+    try:
+        return parse(arguments)
+    except SystemExit:
+        raise ValueError(f"{who} refuses the arguments {' '.join(arguments)} (its message is above)") from None
+
+
 def entry_point_call(launcher_args: list[str]) -> tuple[int, str, list[str]]:
     """From one node's launcher arguments (after `python`): the ranks the launcher starts in all, the entry-point
     module, and that module's arguments, read with the launcher's own parser (torchrun's or DeepSpeed's)."""
     if launcher_args[:2] == ["-m", "torch.distributed.run"]:
         from torch.distributed.run import get_args_parser
 
-        parsed = get_args_parser().parse_args(launcher_args[2:])
+        parsed = _parse(get_args_parser().parse_args, launcher_args[2:], "torchrun")
+        counts = {"--nnodes": parsed.nnodes, "--nproc-per-node": parsed.nproc_per_node}
+        if not all(str(value).isdigit() for value in counts.values()):
+            raise ValueError(f"torchrun's {counts} must be fixed numbers for a dry run (not a range or 'gpu')")
         return int(parsed.nnodes) * int(parsed.nproc_per_node), parsed.training_script, parsed.training_script_args
     if launcher_args[:2] == ["-m", "deepspeed.launcher.runner"]:
         os.environ.setdefault("DS_ACCELERATOR", deepspeed_accelerator())  # said, so DeepSpeed does not warn on import
         from deepspeed.launcher.runner import parse_args
 
-        parsed = parse_args(launcher_args[2:])
+        parsed = _parse(parse_args, launcher_args[2:], "DeepSpeed's launcher")
+        if parsed.num_nodes < 1 or parsed.num_gpus < 1:
+            raise ValueError("DeepSpeed's --num_nodes and --num_gpus must be given for a dry run (no host discovery)")
         return parsed.num_nodes * parsed.num_gpus, parsed.user_script, parsed.user_args
     raise ValueError(f"not a torchrun or DeepSpeed launch: python {' '.join(launcher_args[:3])} ...")
 
@@ -95,8 +108,8 @@ def check_job(launcher_args: list[str], world: int) -> None:
     if ranks != world:
         raise ValueError(f"the launcher would start {ranks} ranks, but the job has {world} GPUs")
     module = importlib.import_module(module_name)
-    args = module.parser().parse_args(module_args)
-    if hasattr(module, "check_world"):
+    args = _parse(module.parser().parse_args, module_args, module_name)
+    if hasattr(module, "check_world"):  # entry points that run on any world size have none
         module.check_world(args, world)
 
 

@@ -86,5 +86,5 @@ def test_with_gpus_each_rank_takes_its_own_and_a_rank_beyond_them_is_refused(mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert rank_device(1) == torch.device("cuda", 1)
-    with pytest.raises(ValueError, match="local_rank 2 has no GPU: this node has 2"):
+    with pytest.raises(ValueError, match="local_rank 2 has no GPU: this process sees 2"):
         rank_device(2)

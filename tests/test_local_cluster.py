@@ -100,3 +100,14 @@ def test_bad_requests_are_refused_before_anything_starts(tmp_path):
         sbatch_locally(TORCHRUN, nodes=3)
     with pytest.raises(ValueError, match="gpus_per_node must be a positive int"):
         sbatch_locally(TORCHRUN, gpus_per_node=0)
+
+
+def test_a_dry_run_turns_argument_errors_into_value_errors_that_say_whose():
+    from course_lib.local_cluster import check_job
+
+    job = sbatch_locally(TORCHRUN, nodes=2, gpus_per_node=2, dry_run=True)
+    with pytest.raises(ValueError, match="course_lib.parallel.elastic refuses the arguments"):
+        check_job([*job.launcher_args[0], "--no-such-flag"], 4)
+    elastic_range = [a.replace("2", "1:2") if a == "2" else a for a in job.launcher_args[0]]  # --nnodes 1:2
+    with pytest.raises(ValueError, match="must be fixed numbers for a dry run"):
+        check_job(elastic_range, 4)

@@ -175,6 +175,15 @@ def test_pipeline_schedules_run_in_their_order_and_train_like_the_unsplit_model(
     assert [r["max_in_flight"] for r in results] == in_flight
 
 
+def test_a_pipeline_of_one_stage_is_first_and_last_and_trains_like_the_unsplit_model(tmp_path):
+    results = launch("course_lib.parallel.pipeline", [], nproc=1, result_dir=tmp_path, show_output=False)
+    reference, losses = pipeline.single_process_run(pipeline.parser().parse_args([]))
+    weights = torch.load(results[0]["weights"])
+    for name, expected in reference.named_parameters():
+        torch.testing.assert_close(weights[name], expected.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(losses), atol=1e-12, rtol=0)
+
+
 def test_a_pipeline_that_sums_micro_batch_gradients_trains_differently(tmp_path):
     _, weights = pipeline_run(["--no-grad-scaling"], tmp_path)
     reference, _ = pipeline.single_process_run(pipeline.parser().parse_args([]))

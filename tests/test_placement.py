@@ -6,8 +6,9 @@ raises. Here each entry point's `run` runs in this one process as rank r of 2 wi
 is not the CPU: mixing a meta tensor with a CPU one raises, as mixing cuda and cpu does. A fake process group
 makes collectives return at once, and `PlacementGuard` fails any collective handed a tensor off the rank's device.
 Meta tensors hold no values, so the numbers these runs produce mean nothing: only where the tensors live is
-checked. Where a library refuses meta tensors outright (FSDP, DeepSpeed), it is replaced by a stand-in that checks
-what the entry point hands it. The negative control disables `place` in each entry point: every run then fails.
+checked. Where a library refuses meta tensors (DDP, FSDP, DTensor, pipelining, batched send/recv, DeepSpeed), it is
+replaced by a stand-in that checks what the entry point hands it. The negative control disables `place` in each
+entry point: every run then fails.
 """
 
 from __future__ import annotations
@@ -204,7 +205,19 @@ def deepspeed_stand_in(stand_in: StandIn):
     return initialize
 
 
-def run_ring(me):
+def p2p_stand_in(stand_in: StandIn):
+    """Batched send/recv goes through a coalescing path that needs the backend of the tensors' device (meta has
+    none): check every tensor handed over, and return no work to wait for."""
+
+    def batch_isend_irecv(ops):
+        stand_in.check("batch_isend_irecv", [op.tensor for op in ops])
+        return []
+
+    return batch_isend_irecv
+
+
+def run_ring(me, monkeypatch, stand_in, **_):
+    monkeypatch.setattr(dist, "batch_isend_irecv", p2p_stand_in(stand_in))
     return ring_allreduce.run(ring_allreduce.parser().parse_args(["--sizes", "16", "--repeats", "1"]), me)
 
 
@@ -249,7 +262,7 @@ def run_elastic(me, tmp_path):
 
 ENTRY_POINTS = {
     "hello": lambda me, **_: hello.run(hello.parser().parse_args([]), me),
-    "ring_allreduce": lambda me, **_: run_ring(me),
+    "ring_allreduce": lambda me, **kw: run_ring(me, **kw),
     "tensor_parallel explicit": lambda me, **kw: run_tensor_parallel(me, "explicit", **kw),
     "tensor_parallel dtensor": lambda me, **kw: run_tensor_parallel(me, "dtensor", **kw),
     "pipeline": lambda me, **kw: run_pipeline(me, **kw),

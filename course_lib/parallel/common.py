@@ -70,7 +70,10 @@ def this_rank_device() -> torch.device:
     than it has GPUs (it then sets COURSE_RANKS_ON_CPU); never Apple's MPS."""
     if os.environ.get(RANKS_ON_CPU_ENV) == "1":
         return torch.device("cpu")
-    return rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    if not local_rank.isdigit():
+        raise ValueError(f"LOCAL_RANK must be a rank number set by the launcher, got {local_rank!r}")
+    return rank_device(int(local_rank))
 
 
 def init(timeout_s: float = 60.0) -> Rank:
@@ -93,7 +96,8 @@ def init(timeout_s: float = 60.0) -> Rank:
                               is_master=not agent_store and rank == 0, timeout=timeout,
                               use_libuv=os.environ.get("USE_LIBUV", "1") == "1")  # fmt: skip
         dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                                world_size=world, timeout=timeout)  # fmt: skip
+                                world_size=world, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)  # NCCL bound to its GPU now
     except (RuntimeError, ValueError) as error:
         raise RuntimeError(f"rank {rank} could not start {backend} at {os.environ['MASTER_ADDR']}:"
                            f"{os.environ['MASTER_PORT']}: {error}\n{BACKEND_HINT}") from error  # fmt: skip
@@ -108,10 +112,11 @@ def result_dir() -> Path:
 
 
 def save_result(result: dict) -> None:
-    """This rank's results as rank{r}.json, written whole or not at all (the launcher reads them after exit)."""
+    """This rank's results as rank{r}.json, written whole or not at all (the launcher reads them after exit), with
+    the backend the rank really used."""
     path = result_dir() / f"rank{dist.get_rank()}.json"
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(result))
+    partial.write_text(json.dumps({"backend": dist.get_backend()} | result))
     partial.replace(path)
 
 

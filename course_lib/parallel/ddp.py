@@ -72,9 +72,9 @@ def parser(controls: bool = False) -> argparse.ArgumentParser:
 
 def for_world(args: argparse.Namespace, world: int, accumulation: int = 1) -> argparse.Namespace:
     """`args` with the global batch settled for `world` ranks that each accumulate `accumulation` micro-batches a
-    step: `--batch` if given (it must split evenly), else micro-batch x accumulation x world; the micro-batch is then
-    --batch / (world x accumulation). Raises a ValueError naming the arguments when the batch cannot split, before
-    any rank has started."""
+    step: `--batch` if given (it must split evenly), else micro-batch x accumulation x world. The result holds the
+    global batch only (micro_batch None: it is --batch / (world x accumulation)), so settling twice changes nothing.
+    Raises a ValueError naming the arguments when the batch cannot split, before any rank has started."""
     for name, value in (("world", world), ("accumulation", accumulation)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -125,7 +125,7 @@ def dataset(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x, y, tokenizer.vocab_size
 
 
-def shard_batches(x: torch.Tensor, y: torch.Tensor, args, rank: int, world: int) -> Iterator[tuple]:
+def shard_batches(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, rank: int, world: int) -> Iterator[tuple]:
     """This rank's part of every global batch: DistributedSampler shuffles the indices (same seed on every rank)
     and deals them out rank by rank, so step s of all ranks together covers the same windows as step s of one
     process with world=1."""

@@ -14,6 +14,7 @@ Run: torchrun --nproc-per-node 2 --max-restarts 1 -m course_lib.parallel.elastic
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import signal
@@ -32,7 +33,7 @@ CHECKPOINT = "checkpoint.pt"
 check_world = ddp.check_world  # which worlds the arguments run on: the batch must split, as for DDP
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     p = ddp.parser()
     p.description = __doc__.splitlines()[0]
     p.add_argument("--checkpoint-dir", type=Path, required=True)
@@ -43,7 +44,7 @@ def parser():
     return p
 
 
-def run(args, me: Rank) -> dict:
+def run(args: argparse.Namespace, me: Rank) -> dict:
     """Train from the latest checkpoint (or step 0) to args.steps, checkpointing on the way; losses and weights."""
     args = ddp.for_world(args, me.world)
     x, y, vocab_size = ddp.dataset(args)

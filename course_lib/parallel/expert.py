@@ -155,10 +155,15 @@ def reference_run(args: argparse.Namespace, world: int) -> tuple[torch.Tensor, d
     return out.detach(), {name: p.grad for name, p in moe.named_parameters()} | {"tokens": x.grad}
 
 
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Raise a ValueError if the experts do not split evenly over `world` ranks."""
+    if args.experts % world:
+        raise ValueError(f"--experts {args.experts} must be divisible by the number of ranks {world}")
+
+
 def run(args: argparse.Namespace, me: Rank) -> dict:
     """This rank's experts on its tokens: output and gradients saved, traffic counted and measured."""
-    if args.experts % me.world:
-        raise ValueError(f"--experts {args.experts} must be divisible by the number of ranks {me.world}")
+    check_world(args, me.world)
     moe = place(build(args), me.device)
     mine = range(me.rank * args.experts // me.world, (me.rank + 1) * args.experts // me.world)
     moe.keep_only(mine)

@@ -98,6 +98,8 @@ class Recorder:
     def __init__(self, stage: Stage, sleep_s: float) -> None:
         self.events: list[tuple[str, int, float, float]] = []
         self.sleep_s = sleep_s
+        # on a GPU the host runs ahead of the kernels: wait for them, so the times are when the work ran
+        self.synchronize = torch.cuda.synchronize if next(stage.parameters()).is_cuda else lambda: None
         stage.register_forward_pre_hook(self._forward_start)
         stage.register_forward_hook(self._forward_end)
         stage.register_full_backward_pre_hook(self._backward_start)
@@ -107,16 +109,20 @@ class Recorder:
         return sum(1 for e in self.events if e[0] == kind)
 
     def _forward_start(self, module, inputs) -> None:
+        self.synchronize()
         self._start = time.perf_counter()
 
     def _forward_end(self, module, inputs, output) -> None:
+        self.synchronize()
         time.sleep(self.sleep_s)
         self.events.append(("F", self._count("F"), self._start, time.perf_counter()))
 
     def _backward_start(self, module, grad_output) -> None:
+        self.synchronize()
         self._start = time.perf_counter()
 
     def _backward_end(self, module, grad_input, grad_output) -> None:
+        self.synchronize()
         time.sleep(2 * self.sleep_s)
         self.events.append(("B", self._count("B"), self._start, time.perf_counter()))
 
@@ -152,16 +158,21 @@ def single_process_run(args: argparse.Namespace) -> tuple[GPT, list[float]]:
     return model, losses
 
 
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Raise a ValueError if the batch does not split into the micro-batches or the layers into `world` stages."""
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        raise ValueError(f"--batch {args.batch} must split into --microbatches {args.microbatches} equal parts")
+    if args.layers % world:
+        raise ValueError(f"--layers {args.layers} must be divisible by the number of stages {world}")
+
+
 def run(args: argparse.Namespace, me: Rank) -> dict:
     """This rank's stage trained for args.steps steps under the schedule; its events, losses and weights."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     # the first stage's input (token ids) needs no gradient; its backward hook then fires on the output's, as meant
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect")
-    if args.microbatches < 1 or args.batch % args.microbatches:
-        raise ValueError(f"--batch {args.batch} must split into --microbatches {args.microbatches} equal parts")
-    if args.layers % me.world:
-        raise ValueError(f"--layers {args.layers} must be divisible by the number of stages {me.world}")
+    check_world(args, me.world)
     model = build(args)
     stage_module = place(Stage(model, me.rank, me.world), me.device)
     names = {id(p): name for name, p in model.named_parameters()}  # the unsplit model's names, to compare with
@@ -176,12 +187,9 @@ def run(args: argparse.Namespace, me: Rank) -> dict:
         recorder.events.clear()
         start = time.perf_counter()
         micro_losses: list[torch.Tensor] = []
-        if me.rank == 0:
-            schedule.step(x)
-        elif me.rank == me.world - 1:
-            schedule.step(target=y, losses=micro_losses)
-        else:
-            schedule.step()
+        inputs = (x,) if me.rank == 0 else ()  # the first stage takes the tokens, the last the targets (one rank: both)
+        targets = {"target": y, "losses": micro_losses} if me.rank == me.world - 1 else {}
+        schedule.step(*inputs, **targets)
         steps.append({"start": start, "end": time.perf_counter(), "events": list(recorder.events)})
         optimizer.step()
         optimizer.zero_grad()

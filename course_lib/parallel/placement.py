@@ -3,8 +3,8 @@
 On a GPU node every rank owns one GPU (`Rank.device`, cuda:LOCAL_RANK) and NCCL reduces CUDA tensors only; a model,
 a batch or a tensor left on the CPU fails at its first collective, or as soon as it meets a GPU tensor. Entry
 points build everything on the CPU (the same seed gives the same weights whatever the device) and then pass it
-through `place`, the one helper every `main()` uses; the placement test runs each entry point with a rank device
-that is not the CPU, so a forgotten `place` fails there too.
+through `place`, the one helper every entry point's `run()` uses; the placement test runs each entry point with a
+rank device that is not the CPU, so a forgotten `place` fails there too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def place(thing: T, device: torch.device) -> T:
         return thing.to(device)
     if isinstance(thing, torch.Tensor):
         return thing.to(device)
+    if isinstance(thing, tuple) and hasattr(thing, "_fields"):  # a named tuple takes its fields one by one
+        return type(thing)(*(place(item, device) for item in thing))
     if isinstance(thing, (tuple, list)):
         return type(thing)(place(item, device) for item in thing)
     if isinstance(thing, dict):

@@ -36,9 +36,10 @@ def ring_allreduce(x: torch.Tensor, allgather: bool = True) -> int:
     def exchange(send_index: int, recv_index: int) -> torch.Tensor:
         nonlocal sent
         incoming = torch.empty_like(chunks[recv_index])
-        request = dist.isend(chunks[send_index].contiguous(), right)
-        dist.recv(incoming, left)
-        request.wait()
+        # send right and receive from the left as one batch: on NCCL a lone send, then a blocking recv, can deadlock
+        pair = [dist.P2POp(dist.isend, chunks[send_index].contiguous(), right), dist.P2POp(dist.irecv, incoming, left)]
+        for request in dist.batch_isend_irecv(pair):
+            request.wait()
         sent += chunks[send_index].numel() * chunks[send_index].element_size()
         return incoming
 

@@ -204,12 +204,17 @@ def run_dtensor(block: Block, x: torch.Tensor, probe: torch.Tensor, world: int, 
     return result | {"tensors": save_tensors("dtensor", tensors)}
 
 
-def run(args: argparse.Namespace, me: Rank) -> dict:
-    """This rank's shard of the block: outputs and gradients saved, all-reduces (or DTensor's comms) counted."""
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Raise a ValueError if the options contradict each other or the heads do not split over `world` ranks."""
     if args.mode == "dtensor" and (args.wrong_shard or args.f_without_all_reduce):
         raise ValueError("--wrong-shard and --f-without-all-reduce change the explicit version: use --mode explicit")
-    if args.heads % me.world:
-        raise ValueError(f"--heads {args.heads} must be divisible by the number of ranks {me.world}")
+    if args.heads % world:
+        raise ValueError(f"--heads {args.heads} must be divisible by the number of ranks {world}")
+
+
+def run(args: argparse.Namespace, me: Rank) -> dict:
+    """This rank's shard of the block: outputs and gradients saved, all-reduces (or DTensor's comms) counted."""
+    check_world(args, me.world)
     block, x, probe = place(reference(args), me.device)
     if args.mode == "explicit":
         result = run_explicit(args, block, x, probe, me.rank, me.world)
