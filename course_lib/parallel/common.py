@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from course_lib.device import DETERMINISTIC_CUBLAS_WORKSPACE, pick_backend, rank_device
+from course_lib.device import pick_backend, rank_device
 from course_lib.launch import PREFIX_RANK_ENV, RANKS_ON_CPU_ENV, RESULT_DIR_ENV
 
 
@@ -82,7 +82,6 @@ def init(timeout_s: float = 60.0) -> Rank:
         raise RuntimeError("not started by torchrun: use `torchrun --nproc-per-node N -m <module>` or launch()")
     device = this_rank_device()
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)  # before CUDA starts
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

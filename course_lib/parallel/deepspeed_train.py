@@ -120,9 +120,15 @@ def micro_batches(x, y, args, rank: int, world: int, accumulation: int) -> Itera
         yield from zip(bx.chunk(accumulation), by.chunk(accumulation), strict=True)
 
 
+def settled(args: argparse.Namespace, world: int) -> argparse.Namespace:
+    """`args` with the global batch every setting trains on (a sweep keeps it and varies the accumulation); a
+    ValueError if it cannot split over `world` ranks x --accumulation micro-batches."""
+    return ddp.for_world(args, world, 1 if args.sweep else args.accumulation)
+
+
 def check_world(args: argparse.Namespace, world: int) -> None:
     """Raise a ValueError if the batch cannot split over `world` ranks x --accumulation micro-batches."""
-    ddp.for_world(args, world, 1 if args.sweep else args.accumulation)
+    settled(args, world)
 
 
 def held_bytes(engine) -> dict[str, int]:
@@ -208,8 +214,7 @@ def main() -> None:
         deepspeed.init_distributed(dist_backend=pick_backend(this_rank_device()), timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    # the global batch every setting trains on (a sweep keeps it and varies the accumulation)
-    args = ddp.for_world(args, world, 1 if args.sweep else args.accumulation)
+    args = settled(args, world)
     data = ddp.dataset(args)
     if args.sweep:  # every (ZeRO stage, accumulation) for the same global batch, in one launch
         settings = [Setting(stage, acc, args.optimizer, args.sum_gradients, not args.no_clip) for stage in (0, 1, 2, 3)
